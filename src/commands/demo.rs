@@ -1,0 +1,71 @@
+//! `sheepdog demo`: the whole path on this machine.
+
+use std::sync::Arc;
+
+use secrecy::SecretString;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{UpstreamArgs, WorkerArgs};
+use crate::upstream::mock::{MockConfig, MockServer};
+
+/// The bundled example batch.
+pub const DEMO_BATCH: &str = include_str!("../../examples/demo-batch.jsonl");
+
+pub async fn run(
+    database_url: &SecretString,
+    amqp_url: &SecretString,
+    mut upstream: UpstreamArgs,
+    mut worker: WorkerArgs,
+    replicas: usize,
+) -> anyhow::Result<()> {
+    println!("1/5 migrate: database and queues");
+    let pool = super::migrate(database_url, amqp_url).await?;
+
+    let _mock = if upstream.api_key.is_none() {
+        let mock = MockServer::start(
+            "127.0.0.1:0",
+            MockConfig { latency_ms_min: 40, latency_ms_max: 250, error_rate: 0.03, ..Default::default() },
+        )
+        .await?;
+        upstream.base_url = mock.base_url();
+        println!("2/5 upstream: no HOLYSHEEP_API_KEY, so the built-in mock at {} (40-250 ms, 3% errors)", upstream.base_url);
+        Some(mock)
+    } else {
+        println!("2/5 upstream: {} with your HOLYSHEEP_API_KEY", upstream.base_url);
+        None
+    };
+
+    let batch_id = format!("demo-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S"));
+    let dir = std::env::temp_dir().join(format!("sheepdog-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let input = dir.join("batch.jsonl");
+    std::fs::write(&input, DEMO_BATCH)?;
+    let report =
+        super::enqueue::enqueue_file(&pool, amqp_url, &input, &batch_id, worker.max_message_bytes, true).await?;
+    println!("3/5 enqueue: {} jobs published to sheepdog.jobs as batch {batch_id}", report.published);
+
+    worker.metrics_addr = "off".into();
+    worker.concurrency = worker.concurrency.min(16);
+    let shutdown = CancellationToken::new();
+    let mut handles = Vec::new();
+    for i in 0..replicas.max(1) {
+        let w = super::build_worker(database_url, amqp_url, &upstream, &worker, format!("demo-worker-{i}")).await?;
+        let s = shutdown.clone();
+        handles.push(tokio::spawn(async move { Arc::clone(&w).run(s).await }));
+    }
+    println!("4/5 workers: {} replicas, {} jobs in flight each", replicas.max(1), worker.concurrency);
+
+    let status = super::status::wait_for_batch(&pool, &batch_id, true).await?;
+    shutdown.cancel();
+    for h in handles {
+        h.await??;
+    }
+    println!("5/5 done\n");
+    print!("{}", super::status::render_status(&pool, &status).await?);
+    println!(
+        "\nThe results are in Postgres; try:\n  psql {} -c \"SELECT custom_id, status, model, cost_usd FROM sheepdog.job_results WHERE batch_id = '{batch_id}' ORDER BY custom_id LIMIT 5\"",
+        crate::store::redact_url(secrecy::ExposeSecret::expose_secret(database_url))
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

@@ -1,0 +1,211 @@
+//! `sheepdog enqueue FILE.jsonl --batch ID`: streams an OpenAI Batch input file
+//! to `sheepdog.jobs` with publisher confirms.
+
+use std::collections::HashSet;
+use std::io::BufRead;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use lapin::options::BasicPublishOptions;
+use lapin::Channel;
+use secrecy::SecretString;
+use serde_json::Value;
+use sqlx::PgPool;
+
+use crate::amqp::{self, JOBS_QUEUE};
+use crate::job::{Job, MAX_BATCH_ID_BYTES};
+
+/// Lines published per round of confirms.
+const CHUNK: usize = 2000;
+
+/// A line that was not published, and why.
+#[derive(Debug, Clone)]
+pub struct Refused {
+    pub line: u64,
+    pub reason: String,
+}
+
+#[derive(Debug, Default)]
+pub struct EnqueueReport {
+    pub published: u64,
+    pub new_jobs: i64,
+    pub refused: Vec<Refused>,
+    /// Lines the broker never confirmed, after retries.
+    pub unconfirmed: Vec<u64>,
+}
+
+struct Pending {
+    line: u64,
+    custom_id: String,
+    model: String,
+    metadata: Option<Value>,
+    payload: Vec<u8>,
+}
+
+/// Publishes every valid line of `path` as a job of `batch_id`.
+pub async fn enqueue_file(
+    pool: &PgPool,
+    amqp_url: &SecretString,
+    path: &Path,
+    batch_id: &str,
+    max_message_bytes: usize,
+    show_progress: bool,
+) -> anyhow::Result<EnqueueReport> {
+    anyhow::ensure!(
+        !batch_id.is_empty() && batch_id.len() <= MAX_BATCH_ID_BYTES,
+        "--batch must be 1 to {MAX_BATCH_ID_BYTES} bytes"
+    );
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let bar = if show_progress { ProgressBar::new(size) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} enqueue [{bar:40}] {bytes}/{total_bytes} {msg} ({eta})")
+            .unwrap()
+            .progress_chars("=> "),
+    );
+
+    let conn = amqp::connect(amqp_url, "sheepdog enqueue").await?;
+    let mut channel = amqp::confirm_channel(&conn).await?;
+    let mut conn = Some(conn);
+    let mut report = EnqueueReport::default();
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut chunk: Vec<Pending> = Vec::with_capacity(CHUNK);
+
+    for (i, line) in reader.split(b'\n').enumerate() {
+        let n = i as u64 + 1;
+        let bytes = line.with_context(|| format!("reading {}", path.display()))?;
+        bar.inc(bytes.len() as u64 + 1);
+        let trimmed = bytes.trim_ascii();
+        if trimmed.is_empty() {
+            continue;
+        }
+        match prepare(trimmed, batch_id, max_message_bytes) {
+            Err(reason) => report.refused.push(Refused { line: n, reason }),
+            Ok(p) => {
+                if !seen.insert(p.1.clone()) {
+                    report.refused.push(Refused {
+                        line: n,
+                        reason: format!("custom_id {:?} appears earlier in the file", p.1),
+                    });
+                    continue;
+                }
+                chunk.push(Pending { line: n, custom_id: p.1, model: p.2, metadata: p.3, payload: p.0 });
+            }
+        }
+        if chunk.len() >= CHUNK {
+            flush(pool, amqp_url, &mut conn, &mut channel, batch_id, &mut chunk, &mut report).await?;
+            bar.set_message(format!("{} published", report.published));
+        }
+    }
+    flush(pool, amqp_url, &mut conn, &mut channel, batch_id, &mut chunk, &mut report).await?;
+    bar.finish_and_clear();
+    if let Some(c) = conn {
+        let _ = c.close(200, "done".into()).await;
+    }
+    Ok(report)
+}
+
+type Prepared = (Vec<u8>, String, String, Option<Value>);
+
+/// Validates a line and renders the message: the line with `batch_id` set.
+fn prepare(line: &[u8], batch_id: &str, max: usize) -> Result<Prepared, String> {
+    let mut value: Value = serde_json::from_slice(line).map_err(|e| format!("not valid JSON: {e}"))?;
+    if let Value::Object(o) = &mut value {
+        match o.get("batch_id") {
+            None | Some(Value::Null) => {
+                o.insert("batch_id".into(), Value::String(batch_id.to_string()));
+            }
+            Some(Value::String(b)) if b == batch_id => {}
+            Some(other) => return Err(format!("batch_id {other} differs from --batch {batch_id:?}")),
+        }
+    }
+    let job = Job::from_value(value.clone()).map_err(|e| e.reason)?;
+    let payload = serde_json::to_vec(&value).map_err(|e| e.to_string())?;
+    if payload.len() > max {
+        return Err(format!("message is {} bytes, larger than the maximum of {max}", payload.len()));
+    }
+    Ok((payload, job.id.custom_id, job.model, job.metadata))
+}
+
+async fn flush(
+    pool: &PgPool,
+    amqp_url: &SecretString,
+    conn: &mut Option<lapin::Connection>,
+    channel: &mut Channel,
+    batch_id: &str,
+    chunk: &mut Vec<Pending>,
+    report: &mut EnqueueReport,
+) -> anyhow::Result<()> {
+    if chunk.is_empty() {
+        return Ok(());
+    }
+    // Rows first: a job is `queued` before any worker can see its message.
+    let ids: Vec<String> = chunk.iter().map(|p| p.custom_id.clone()).collect();
+    let models: Vec<String> = chunk.iter().map(|p| p.model.clone()).collect();
+    let metadata: Vec<Option<Value>> = chunk.iter().map(|p| p.metadata.clone()).collect();
+    report.new_jobs += crate::store::jobs::register_queued(pool, batch_id, &ids, &models, &metadata)
+        .await
+        .context("recording the batch in Postgres")?;
+
+    let mut todo: Vec<&Pending> = chunk.iter().collect();
+    for round in 0..4 {
+        if round > 0 {
+            // The broker went away or refused some: reconnect and publish those again.
+            tokio::time::sleep(Duration::from_millis(500 * round)).await;
+            match amqp::connect(amqp_url, "sheepdog enqueue").await {
+                Ok(c) => match amqp::confirm_channel(&c).await {
+                    Ok(ch) => {
+                        *channel = ch;
+                        *conn = Some(c);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot open a channel; retrying");
+                        continue;
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "broker unreachable; retrying");
+                    continue;
+                }
+            }
+        }
+        let mut confirms = Vec::with_capacity(todo.len());
+        let mut failed: Vec<&Pending> = Vec::new();
+        for p in &todo {
+            match channel
+                .basic_publish(
+                    "".into(),
+                    JOBS_QUEUE.into(),
+                    BasicPublishOptions { mandatory: true, ..Default::default() },
+                    &p.payload,
+                    amqp::job_properties(None),
+                )
+                .await
+            {
+                Ok(c) => confirms.push((*p, c)),
+                Err(_) => failed.push(p),
+            }
+        }
+        for (p, c) in confirms {
+            match c.await.map_err(amqp::PublishError::from).and_then(|c| amqp::check_confirmation(c, JOBS_QUEUE)) {
+                Ok(()) => report.published += 1,
+                Err(amqp::PublishError::Unroutable(q)) => {
+                    anyhow::bail!("no queue {q} on the broker: run `sheepdog migrate` first")
+                }
+                Err(_) => failed.push(p),
+            }
+        }
+        if failed.is_empty() {
+            chunk.clear();
+            return Ok(());
+        }
+        tracing::warn!(lines = failed.len(), "publishes not confirmed; trying again");
+        todo = failed;
+    }
+    report.unconfirmed.extend(todo.iter().map(|p| p.line));
+    chunk.clear();
+    Ok(())
+}

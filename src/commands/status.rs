@@ -1,0 +1,124 @@
+//! `sheepdog status` and `sheepdog export`.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::TryStreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+
+use crate::store::report::{self, BatchStatus};
+
+/// Waits until every job of the batch has ended, showing a progress bar.
+pub async fn wait_for_batch(pool: &PgPool, batch_id: &str, show_progress: bool) -> anyhow::Result<BatchStatus> {
+    let bar = if show_progress { ProgressBar::new(0) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {prefix} [{bar:40}] {pos}/{len} done {msg} ({eta})")
+            .unwrap()
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(batch_id.to_string());
+    loop {
+        let s = report::batch_status(pool, batch_id).await?;
+        bar.set_length(s.total as u64);
+        bar.set_position((s.succeeded + s.failed) as u64);
+        bar.set_message(format!("{} failed, ${}", s.failed, s.cost_usd.round_dp(6)));
+        if s.done() {
+            bar.finish_and_clear();
+            return Ok(s);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.0} ms")).unwrap_or_else(|| "-".into())
+}
+
+/// Renders a batch's status and its cost by model as text tables.
+pub async fn render_status(pool: &PgPool, s: &BatchStatus) -> anyhow::Result<String> {
+    let mut o = String::new();
+    use std::fmt::Write;
+    writeln!(o, "batch {}", s.batch_id)?;
+    let rows = [
+        ("total", s.total.to_string()),
+        ("succeeded", s.succeeded.to_string()),
+        ("failed", s.failed.to_string()),
+        ("running", s.running.to_string()),
+        ("queued", s.queued.to_string()),
+        ("upstream calls", s.attempts.to_string()),
+        ("prompt tokens", s.prompt_tokens.to_string()),
+        ("completion tokens", s.completion_tokens.to_string()),
+        ("cost (USD)", s.cost_usd.normalize().to_string()),
+        ("latency p50", ms(s.p50_latency_ms)),
+        ("latency p95", ms(s.p95_latency_ms)),
+        ("latency p99", ms(s.p99_latency_ms)),
+    ];
+    for (k, v) in rows {
+        writeln!(o, "  {k:<18} {v:>16}")?;
+    }
+    let costs = report::batch_cost_by_model(pool, &s.batch_id).await?;
+    if !costs.is_empty() {
+        writeln!(o, "\n  {:<20} {:>7} {:>12} {:>12} {:>16}", "model", "calls", "prompt", "completion", "cost (USD)")?;
+        for c in &costs {
+            writeln!(
+                o,
+                "  {:<20} {:>7} {:>12} {:>12} {:>16}",
+                c.model,
+                c.calls,
+                c.prompt_tokens,
+                c.completion_tokens,
+                c.cost_usd.normalize()
+            )?;
+        }
+    }
+    let reasons = report::failure_reasons(pool, &s.batch_id, 5).await?;
+    if !reasons.is_empty() {
+        writeln!(o, "\n  failures:")?;
+        for (r, n) in reasons {
+            writeln!(o, "  {n:>7}  {}", crate::upstream::error::truncate(&r, 120))?;
+        }
+    }
+    Ok(o)
+}
+
+/// `sheepdog export`: OpenAI Batch output lines for the batch's finished jobs.
+/// Returns how many lines were written.
+pub async fn export(pool: &PgPool, batch_id: &str, out: &Path) -> anyhow::Result<u64> {
+    let tmp = out.with_extension("jsonl.partial");
+    let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut w = std::io::BufWriter::new(file);
+    let mut rows = report::export_rows(pool, batch_id);
+    let mut n = 0u64;
+    while let Some(r) = rows.try_next().await? {
+        let line = export_line(batch_id, &r);
+        serde_json::to_writer(&mut w, &line)?;
+        w.write_all(b"\n")?;
+        n += 1;
+    }
+    w.flush()?;
+    drop(w);
+    std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;
+    Ok(n)
+}
+
+fn export_line(batch_id: &str, r: &report::ExportRow) -> Value {
+    let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, format!("{batch_id}\0{}", r.custom_id).as_bytes());
+    let response = match (&r.response, r.status_code) {
+        (Some(body), Some(code)) => json!({
+            "status_code": code,
+            "request_id": r.upstream_request_id,
+            "body": body.0,
+        }),
+        _ => Value::Null,
+    };
+    let error = match (&r.error, r.status.as_str()) {
+        (_, "succeeded") => Value::Null,
+        (Some(e), _) => e.0.clone(),
+        (None, _) => json!({"code": "failed", "message": "the job failed"}),
+    };
+    json!({"id": format!("batch_req_{}", id.simple()), "custom_id": r.custom_id, "response": response, "error": error})
+}

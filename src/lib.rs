@@ -1,0 +1,19 @@
+//! sheepdog: a queue-driven background worker for batch LLM chat-completion
+//! jobs. See `ARCHITECTURE.md` for the path of one job.
+
+pub mod amqp;
+pub mod commands;
+pub mod config;
+pub mod job;
+pub mod metrics;
+pub mod prices;
+pub mod store;
+pub mod tokens;
+pub mod upstream;
+pub mod worker;
+
+/// Picks rustls' ring provider once per process (several crates link rustls
+/// with different default providers, and rustls refuses to guess).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -1,0 +1,179 @@
+//! Counters a replica keeps, served as Prometheus text on `/metrics` together
+//! with `/healthz` and `/readyz`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+
+/// Upper bounds (seconds) of the upstream latency histogram.
+const LATENCY_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+
+#[derive(Default)]
+pub struct Metrics {
+    pub jobs_succeeded: AtomicU64,
+    pub jobs_failed: AtomicU64,
+    pub jobs_dead_lettered: AtomicU64,
+    pub jobs_retried: AtomicU64,
+    pub jobs_duplicate: AtomicU64,
+    pub in_flight: AtomicI64,
+    pub amqp_connected: AtomicBool,
+    pub db_ok: AtomicBool,
+    /// Why this replica is not taking jobs, when it is not.
+    pub paused: Mutex<Option<String>>,
+    pub limiter_wait_seconds: Mutex<f64>,
+    calls: Mutex<BTreeMap<String, u64>>,
+    by_model: Mutex<BTreeMap<String, ModelTotals>>,
+    latency: Mutex<Histogram>,
+}
+
+#[derive(Default, Clone)]
+struct ModelTotals {
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    cost_usd: Decimal,
+}
+
+#[derive(Default)]
+struct Histogram {
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Metrics {
+    pub fn call(&self, outcome: &str, model: &str, latency: Duration, prompt: u64, completion: u64, cost: Decimal) {
+        *self.calls.lock().unwrap().entry(outcome.to_string()).or_default() += 1;
+        {
+            let mut m = self.by_model.lock().unwrap();
+            let t = m.entry(model.to_string()).or_default();
+            t.prompt_tokens += prompt;
+            t.completion_tokens += completion;
+            t.cost_usd += cost;
+        }
+        let s = latency.as_secs_f64();
+        let mut h = self.latency.lock().unwrap();
+        if h.counts.is_empty() {
+            h.counts = vec![0; LATENCY_BUCKETS.len()];
+        }
+        for (i, b) in LATENCY_BUCKETS.iter().enumerate() {
+            if s <= *b {
+                h.counts[i] += 1;
+            }
+        }
+        h.sum += s;
+        h.count += 1;
+    }
+
+    pub fn set_paused(&self, why: Option<String>) {
+        *self.paused.lock().unwrap() = why;
+    }
+
+    pub fn ready(&self) -> Result<(), String> {
+        if !self.amqp_connected.load(Ordering::Relaxed) {
+            return Err("not connected to RabbitMQ".into());
+        }
+        if !self.db_ok.load(Ordering::Relaxed) {
+            return Err("database unreachable".into());
+        }
+        if let Some(why) = self.paused.lock().unwrap().clone() {
+            return Err(format!("paused: {why}"));
+        }
+        Ok(())
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut o = String::new();
+        let c = |o: &mut String, name: &str, help: &str, kind: &str| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+        c(&mut o, "sheepdog_jobs_total", "Jobs this replica finished, by outcome.", "counter");
+        for (k, v) in [
+            ("succeeded", &self.jobs_succeeded),
+            ("failed", &self.jobs_failed),
+            ("dead_lettered", &self.jobs_dead_lettered),
+            ("retried", &self.jobs_retried),
+            ("duplicate", &self.jobs_duplicate),
+        ] {
+            let _ = writeln!(o, "sheepdog_jobs_total{{outcome=\"{k}\"}} {}", v.load(Ordering::Relaxed));
+        }
+        c(&mut o, "sheepdog_jobs_in_flight", "Deliveries this replica holds.", "gauge");
+        let _ = writeln!(o, "sheepdog_jobs_in_flight {}", self.in_flight.load(Ordering::Relaxed));
+        c(&mut o, "sheepdog_upstream_calls_total", "Upstream call attempts, by ledger outcome.", "counter");
+        for (k, v) in self.calls.lock().unwrap().iter() {
+            let _ = writeln!(o, "sheepdog_upstream_calls_total{{outcome=\"{k}\"}} {v}");
+        }
+        c(&mut o, "sheepdog_tokens_total", "Tokens used, by model and kind.", "counter");
+        c(&mut o, "sheepdog_cost_usd_total", "Spend in USD, by model.", "counter");
+        for (m, t) in self.by_model.lock().unwrap().iter() {
+            let m = m.replace(['"', '\\', '\n'], "_");
+            let _ = writeln!(o, "sheepdog_tokens_total{{model=\"{m}\",kind=\"prompt\"}} {}", t.prompt_tokens);
+            let _ = writeln!(o, "sheepdog_tokens_total{{model=\"{m}\",kind=\"completion\"}} {}", t.completion_tokens);
+            let _ = writeln!(o, "sheepdog_cost_usd_total{{model=\"{m}\"}} {}", t.cost_usd);
+        }
+        c(&mut o, "sheepdog_upstream_latency_seconds", "Upstream call latency.", "histogram");
+        {
+            let h = self.latency.lock().unwrap();
+            for (i, b) in LATENCY_BUCKETS.iter().enumerate() {
+                let _ = writeln!(
+                    o,
+                    "sheepdog_upstream_latency_seconds_bucket{{le=\"{b}\"}} {}",
+                    h.counts.get(i).copied().unwrap_or(0)
+                );
+            }
+            let _ = writeln!(o, "sheepdog_upstream_latency_seconds_bucket{{le=\"+Inf\"}} {}", h.count);
+            let _ = writeln!(o, "sheepdog_upstream_latency_seconds_sum {}", h.sum);
+            let _ = writeln!(o, "sheepdog_upstream_latency_seconds_count {}", h.count);
+        }
+        c(&mut o, "sheepdog_limiter_wait_seconds_total", "Time jobs spent waiting for the global limits.", "counter");
+        let _ = writeln!(o, "sheepdog_limiter_wait_seconds_total {}", *self.limiter_wait_seconds.lock().unwrap());
+        c(&mut o, "sheepdog_paused", "1 while this replica takes no jobs (breaker, budget, auth).", "gauge");
+        let _ = writeln!(o, "sheepdog_paused {}", u8::from(self.paused.lock().unwrap().is_some()));
+        c(&mut o, "sheepdog_up", "Connections this replica needs, 1 when up.", "gauge");
+        let _ = writeln!(o, "sheepdog_up{{part=\"amqp\"}} {}", u8::from(self.amqp_connected.load(Ordering::Relaxed)));
+        let _ = writeln!(o, "sheepdog_up{{part=\"postgres\"}} {}", u8::from(self.db_ok.load(Ordering::Relaxed)));
+        o
+    }
+}
+
+/// Serves `/healthz`, `/readyz` and `/metrics` until the task is dropped.
+pub async fn serve(addr: &str, metrics: std::sync::Arc<Metrics>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let m1 = metrics.clone();
+    let m2 = metrics;
+    let app = axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let m = m1.clone();
+                async move {
+                    match m.ready() {
+                        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+                        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let m = m2.clone();
+                async move {
+                    (
+                        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        m.render(),
+                    )
+                }
+            }),
+        );
+    Ok(tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    }))
+}

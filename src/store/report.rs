@@ -1,0 +1,131 @@
+//! Read-side queries: batch status, export lines, cost by model.
+
+use chrono::{DateTime, Utc};
+use futures::Stream;
+use rust_decimal::Decimal;
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::PgPool;
+
+/// Where a batch stands.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct BatchStatus {
+    pub batch_id: String,
+    pub total: i64,
+    pub queued: i64,
+    pub running: i64,
+    pub succeeded: i64,
+    pub failed: i64,
+    pub pending: i64,
+    pub attempts: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cost_usd: Decimal,
+    pub p50_latency_ms: Option<f64>,
+    pub p95_latency_ms: Option<f64>,
+    pub p99_latency_ms: Option<f64>,
+    pub first_at: Option<DateTime<Utc>>,
+    pub last_at: Option<DateTime<Utc>>,
+}
+
+impl BatchStatus {
+    pub fn done(&self) -> bool {
+        self.total > 0 && self.pending == 0
+    }
+}
+
+pub async fn batch_status(pool: &PgPool, batch_id: &str) -> sqlx::Result<BatchStatus> {
+    sqlx::query_as(
+        r#"
+        WITH j AS (
+            SELECT count(*) AS jobs,
+                   count(*) FILTER (WHERE status = 'queued') AS queued,
+                   count(*) FILTER (WHERE status = 'running') AS running,
+                   count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
+                   count(*) FILTER (WHERE status = 'failed') AS failed,
+                   coalesce(sum(attempts), 0)::bigint AS attempts,
+                   coalesce(sum(prompt_tokens), 0)::bigint AS prompt_tokens,
+                   coalesce(sum(completion_tokens), 0)::bigint AS completion_tokens,
+                   coalesce(sum(cost_usd), 0) AS cost_usd,
+                   percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) FILTER (WHERE status = 'succeeded') AS p50,
+                   percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms) FILTER (WHERE status = 'succeeded') AS p95,
+                   percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms) FILTER (WHERE status = 'succeeded') AS p99,
+                   min(created_at) AS first_at,
+                   max(finished_at) AS last_at
+              FROM sheepdog.jobs WHERE batch_id = $1
+        ), b AS (SELECT coalesce((SELECT size FROM sheepdog.batches WHERE batch_id = $1), 0) AS size)
+        SELECT $1 AS batch_id,
+               greatest(b.size, j.jobs) AS total,
+               j.queued + greatest(b.size - j.jobs, 0) AS queued,
+               j.running, j.succeeded, j.failed,
+               greatest(b.size, j.jobs) - j.succeeded - j.failed AS pending,
+               j.attempts, j.prompt_tokens, j.completion_tokens, j.cost_usd,
+               j.p50 AS p50_latency_ms, j.p95 AS p95_latency_ms, j.p99 AS p99_latency_ms,
+               j.first_at, j.last_at
+          FROM j, b
+        "#,
+    )
+    .bind(batch_id)
+    .fetch_one(pool)
+    .await
+}
+
+/// Cost and tokens of a batch's calls by model, from the ledger.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct ModelCost {
+    pub model: String,
+    pub calls: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cost_usd: Decimal,
+}
+
+pub async fn batch_cost_by_model(pool: &PgPool, batch_id: &str) -> sqlx::Result<Vec<ModelCost>> {
+    sqlx::query_as(
+        r#"SELECT model, count(*) AS calls,
+                  coalesce(sum(prompt_tokens), 0)::bigint AS prompt_tokens,
+                  coalesce(sum(completion_tokens), 0)::bigint AS completion_tokens,
+                  coalesce(sum(cost_usd), 0) AS cost_usd
+             FROM sheepdog.llm_calls WHERE batch_id = $1
+            GROUP BY model ORDER BY model"#,
+    )
+    .bind(batch_id)
+    .fetch_all(pool)
+    .await
+}
+
+/// The most common failure reasons of a batch.
+pub async fn failure_reasons(pool: &PgPool, batch_id: &str, limit: i64) -> sqlx::Result<Vec<(String, i64)>> {
+    sqlx::query_as(
+        r#"SELECT coalesce(error->>'message', error::text, 'unknown') AS reason, count(*)
+             FROM sheepdog.jobs WHERE batch_id = $1 AND status = 'failed'
+            GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT $2"#,
+    )
+    .bind(batch_id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// One finished job, as the export needs it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ExportRow {
+    pub custom_id: String,
+    pub status: String,
+    pub status_code: Option<i32>,
+    pub upstream_request_id: Option<String>,
+    pub response: Option<sqlx::types::Json<Value>>,
+    pub error: Option<sqlx::types::Json<Value>>,
+}
+
+/// Finished jobs of a batch, streamed in `custom_id` order.
+pub fn export_rows<'a>(pool: &'a PgPool, batch_id: &'a str) -> impl Stream<Item = sqlx::Result<ExportRow>> + 'a {
+    sqlx::query_as(
+        r#"SELECT custom_id, status, status_code, upstream_request_id, response, error
+             FROM sheepdog.jobs
+            WHERE batch_id = $1 AND status IN ('succeeded', 'failed')
+            ORDER BY custom_id"#,
+    )
+    .bind(batch_id)
+    .fetch(pool)
+}

@@ -1,0 +1,163 @@
+//! One pooled HTTP client for `POST {base}/chat/completions`.
+
+use std::time::{Duration, Instant};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Map, Value};
+
+use super::error::{classify, truncate, Verdict};
+use crate::config::UpstreamArgs;
+use crate::prices::Usage;
+
+/// What one upstream call gave back.
+#[derive(Clone, Debug)]
+pub struct Response {
+    pub status: u16,
+    pub body: Value,
+    /// The `x-request-id` header, else the body's `id`.
+    pub request_id: Option<String>,
+    pub usage: Option<Usage>,
+}
+
+/// One call attempt: what came back (if anything) and what it means.
+#[derive(Clone, Debug)]
+pub struct Attempt {
+    pub response: Option<Response>,
+    pub verdict: Verdict,
+    pub latency: Duration,
+    /// True when the request may have reached the upstream and been billed but no
+    /// answer was read (a timeout, a connection cut mid-call): the ledger then
+    /// charges the call at its reservation.
+    pub maybe_billed: bool,
+}
+
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    url: String,
+    api_key: Option<SecretString>,
+    max_response_bytes: usize,
+}
+
+impl Client {
+    pub fn new(args: &UpstreamArgs, pool_size: usize) -> anyhow::Result<Client> {
+        let http = reqwest::Client::builder()
+            .timeout(args.http_timeout())
+            .connect_timeout(Duration::from_secs(10).min(args.http_timeout()))
+            .pool_max_idle_per_host(pool_size.max(1))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .user_agent(concat!("sheepdog/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Client {
+            http,
+            url: format!("{}/chat/completions", args.base_url.trim_end_matches('/')),
+            api_key: args.api_key.clone(),
+            max_response_bytes: args.max_response_bytes,
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Sends one request. Never fails: every failure is an [`Attempt`] with a verdict.
+    pub async fn call(&self, body: &Map<String, Value>) -> Attempt {
+        let started = Instant::now();
+        let mut req = self.http.post(&self.url).json(body);
+        if let Some(key) = &self.api_key {
+            req = req.bearer_auth(key.expose_secret());
+        }
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => return network_failure(e, started),
+        };
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let bytes = match read_limited(resp, self.max_response_bytes).await {
+            Ok(b) => b,
+            Err(ReadError::TooLarge) => {
+                return Attempt {
+                    response: None,
+                    verdict: Verdict::Transient {
+                        reason: format!(
+                            "upstream response larger than the {}-byte limit",
+                            self.max_response_bytes
+                        ),
+                        retry_after: None,
+                    },
+                    latency: started.elapsed(),
+                    maybe_billed: true,
+                }
+            }
+            Err(ReadError::Http(e)) => return network_failure(e, started),
+        };
+        let latency = started.elapsed();
+        let body: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+            let text = String::from_utf8_lossy(&bytes);
+            serde_json::json!({"error": {"message": truncate(&text, 500), "type": "unparsable_response"}})
+        });
+        let verdict = classify(status, &headers, &body);
+        let request_id = headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| body.get("id").and_then(Value::as_str).map(str::to_string));
+        let usage = Usage::from_response(&body);
+        // A 2xx without usage was probably billed; we cannot tell what it cost.
+        let maybe_billed = (200..300).contains(&status) && usage.is_none();
+        Attempt {
+            response: Some(Response { status, body, request_id, usage }),
+            verdict,
+            latency,
+            maybe_billed,
+        }
+    }
+}
+
+enum ReadError {
+    TooLarge,
+    Http(reqwest::Error),
+}
+
+async fn read_limited(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>, ReadError> {
+    if resp.content_length().is_some_and(|n| n as usize > max) {
+        return Err(ReadError::TooLarge);
+    }
+    let mut buf = Vec::with_capacity(resp.content_length().unwrap_or(1024).min(max as u64) as usize);
+    while let Some(chunk) = resp.chunk().await.map_err(ReadError::Http)? {
+        if buf.len() + chunk.len() > max {
+            return Err(ReadError::TooLarge);
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf)
+}
+
+fn network_failure(e: reqwest::Error, started: Instant) -> Attempt {
+    // reqwest's messages carry the URL, never the Authorization header.
+    let (reason, maybe_billed) = if e.is_timeout() {
+        ("upstream call timed out".to_string(), true)
+    } else if e.is_connect() {
+        (format!("cannot connect to the upstream: {}", error_chain(&e)), false)
+    } else {
+        (format!("upstream call failed: {}", error_chain(&e)), true)
+    };
+    Attempt {
+        response: None,
+        verdict: Verdict::Transient { reason, retry_after: None },
+        latency: started.elapsed(),
+        maybe_billed,
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,430 @@
+//! `sheepdog mock-upstream`: an OpenAI-compatible stand-in for HolySheep.
+//!
+//! Same route, bodies, `usage`, error bodies and headers as the real API, with
+//! knobs for latency, random errors, forced 429s with `Retry-After`, and 5xx,
+//! auth and hang modes, changeable at run time through `POST /_mock/config`.
+//! `usage` is a pure function of the request (prompt tokens counted as
+//! [`crate::tokens::prompt_tokens`] does) so tests can compute costs exactly.
+//! Every call it answers is recorded (`GET /_mock/calls`) so tests can check the
+//! ledger against what the upstream really saw.
+//!
+//! A user message containing `[mock:400]`, `[mock:401]`, `[mock:404]`,
+//! `[mock:422]`, `[mock:429]`, `[mock:500]` or `[mock:hang]` gets that answer,
+//! whatever the mode, so one job of a batch can be made to fail.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+/// What the mock does with each request. Every field can be changed while it runs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MockConfig {
+    /// Added latency, drawn uniformly from `latency_ms_min..=latency_ms_max`.
+    pub latency_ms_min: u64,
+    pub latency_ms_max: u64,
+    /// `ok`, `fail` (every call 500), `hang` (never answer), `unauthorized`
+    /// (401), `no_balance` (402), `overloaded` (every call 429).
+    pub mode: String,
+    /// Share of calls answered 500, at random.
+    pub error_rate: f64,
+    /// Share of calls answered 429 with `Retry-After`, at random.
+    pub rate_429: f64,
+    /// `Retry-After` sent with 429s, in seconds.
+    pub retry_after_seconds: f64,
+    /// Percent of prompt tokens reported as cached.
+    pub cached_percent: u64,
+    /// When set, requests must carry `Authorization: Bearer <this>`.
+    pub api_key: Option<String>,
+}
+
+impl Default for MockConfig {
+    fn default() -> Self {
+        MockConfig {
+            latency_ms_min: 0,
+            latency_ms_max: 0,
+            mode: "ok".into(),
+            error_rate: 0.0,
+            rate_429: 0.0,
+            retry_after_seconds: 1.0,
+            cached_percent: 0,
+            api_key: None,
+        }
+    }
+}
+
+/// One request the mock answered.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CallRecord {
+    /// Milliseconds since the Unix epoch when the request arrived.
+    pub arrived_ms: f64,
+    pub status: u16,
+    pub model: String,
+    pub request_id: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cached_tokens: u64,
+    /// Latency the mock itself added, in milliseconds.
+    pub latency_ms: u64,
+    /// Whether the request carried a bearer key.
+    pub authorized: bool,
+}
+
+#[derive(Default)]
+struct Inner {
+    config: MockConfig,
+    calls: Vec<CallRecord>,
+    in_flight: u64,
+    max_in_flight: u64,
+}
+
+/// Shared state of a running mock.
+#[derive(Clone, Default)]
+pub struct MockState {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl MockState {
+    pub fn new(config: MockConfig) -> Self {
+        let s = MockState::default();
+        s.set_config(config);
+        s
+    }
+    pub fn config(&self) -> MockConfig {
+        self.inner.lock().unwrap().config.clone()
+    }
+    pub fn set_config(&self, config: MockConfig) {
+        self.inner.lock().unwrap().config = config;
+    }
+    pub fn update(&self, f: impl FnOnce(&mut MockConfig)) {
+        f(&mut self.inner.lock().unwrap().config)
+    }
+    /// Every call answered so far, in arrival order.
+    pub fn calls(&self) -> Vec<CallRecord> {
+        self.inner.lock().unwrap().calls.clone()
+    }
+    pub fn call_count(&self) -> usize {
+        self.inner.lock().unwrap().calls.len()
+    }
+    /// The most requests that were ever being answered at once.
+    pub fn max_in_flight(&self) -> u64 {
+        self.inner.lock().unwrap().max_in_flight
+    }
+}
+
+/// A mock running on a real socket.
+pub struct MockServer {
+    pub addr: SocketAddr,
+    pub state: MockState,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MockServer {
+    /// Binds `addr` (port 0 for a free one) and serves in the background.
+    pub async fn start(addr: &str, config: MockConfig) -> anyhow::Result<MockServer> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let state = MockState::new(config);
+        let app = router(state.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(MockServer { addr, state, task })
+    }
+
+    /// The base URL to give sheepdog as `HOLYSHEEP_BASE_URL`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+}
+
+impl Drop for MockServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub fn router(state: MockState) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/chat/completions", post(chat))
+        .route("/v1/models", get(models))
+        .route("/_mock/config", get(get_config).post(set_config))
+        .route("/_mock/calls", get(get_calls))
+        .with_state(state)
+}
+
+async fn models() -> Json<Value> {
+    let data: Vec<Value> = crate::prices::PriceTable::built_in_names()
+        .into_iter()
+        .map(|m| json!({"id": m, "object": "model", "owned_by": "mock"}))
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+async fn get_config(State(s): State<MockState>) -> Json<MockConfig> {
+    Json(s.config())
+}
+
+async fn set_config(State(s): State<MockState>, Json(c): Json<MockConfig>) -> Json<MockConfig> {
+    s.set_config(c.clone());
+    Json(c)
+}
+
+async fn get_calls(State(s): State<MockState>) -> Json<Vec<CallRecord>> {
+    Json(s.calls())
+}
+
+fn now_ms() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64() * 1000.0
+}
+
+/// Decrements the in-flight count however the handler ends (a client that
+/// hangs up drops the future).
+struct InFlight(MockState);
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.inner.lock().unwrap().in_flight -= 1;
+    }
+}
+
+fn error_body(status: StatusCode, message: &str, kind: &str, code: Option<&str>) -> Value {
+    json!({"error": {"message": message, "type": kind, "param": null, "code": code}, "status": status.as_u16()})
+}
+
+async fn chat(State(state): State<MockState>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    let arrived_ms = now_ms();
+    let started = Instant::now();
+    let (config, _guard) = {
+        let mut inner = state.inner.lock().unwrap();
+        inner.in_flight += 1;
+        inner.max_in_flight = inner.max_in_flight.max(inner.in_flight);
+        (inner.config.clone(), InFlight(state.clone()))
+    };
+    let request_id = format!("req_{}", uuid::Uuid::new_v4().simple());
+    let authorized = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("Bearer "));
+
+    let latency_ms = if config.latency_ms_max > config.latency_ms_min {
+        rand::rng().random_range(config.latency_ms_min..=config.latency_ms_max)
+    } else {
+        config.latency_ms_min
+    };
+
+    let parsed: Result<Map<String, Value>, String> = serde_json::from_slice::<Value>(&body)
+        .map_err(|e| format!("We could not parse the JSON body of your request: {e}"))
+        .and_then(|v| match v {
+            Value::Object(o) => Ok(o),
+            _ => Err("The request body must be a JSON object.".into()),
+        });
+    let model = parsed
+        .as_ref()
+        .ok()
+        .and_then(|b| b.get("model"))
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let trigger = parsed.as_ref().ok().and_then(trigger_of).unwrap_or_default();
+
+    let rng_roll = || rand::rng().random::<f64>();
+    let forced: Option<(StatusCode, &str)> = match trigger.as_str() {
+        "" => None,
+        "hang" => Some((StatusCode::GATEWAY_TIMEOUT, "hang")),
+        t => t.parse::<u16>().ok().and_then(|c| StatusCode::from_u16(c).ok()).map(|s| (s, "trigger")),
+    };
+    let key_ok = match &config.api_key {
+        None => true,
+        Some(k) => headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v == format!("Bearer {k}")),
+    };
+    let outcome: Option<StatusCode> = if let Some((s, why)) = forced {
+        if why == "hang" {
+            None
+        } else {
+            Some(s)
+        }
+    } else if !key_ok {
+        Some(StatusCode::UNAUTHORIZED)
+    } else {
+        match config.mode.as_str() {
+            "fail" => Some(StatusCode::INTERNAL_SERVER_ERROR),
+            "hang" => None,
+            "unauthorized" => Some(StatusCode::UNAUTHORIZED),
+            "no_balance" => Some(StatusCode::PAYMENT_REQUIRED),
+            "overloaded" => Some(StatusCode::TOO_MANY_REQUESTS),
+            _ if config.rate_429 > 0.0 && rng_roll() < config.rate_429 => Some(StatusCode::TOO_MANY_REQUESTS),
+            _ if config.error_rate > 0.0 && rng_roll() < config.error_rate => {
+                Some(StatusCode::INTERNAL_SERVER_ERROR)
+            }
+            _ => Some(StatusCode::OK),
+        }
+    };
+    let Some(status) = outcome else {
+        // Hang: answer nothing until the client gives up (or a long hour passes).
+        // Recorded with status 0: the call arrived and may count as billed.
+        state.inner.lock().unwrap().calls.push(CallRecord {
+            arrived_ms,
+            status: 0,
+            model,
+            request_id,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cached_tokens: 0,
+            latency_ms: 0,
+            authorized,
+        });
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        return StatusCode::GATEWAY_TIMEOUT.into_response();
+    };
+    if latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(latency_ms)).await;
+    }
+
+    let mut record = CallRecord {
+        arrived_ms,
+        status: status.as_u16(),
+        model: model.clone(),
+        request_id: request_id.clone(),
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        cached_tokens: 0,
+        latency_ms,
+        authorized,
+    };
+    let mut resp_headers = HeaderMap::new();
+    resp_headers.insert("x-request-id", HeaderValue::from_str(&request_id).unwrap());
+    resp_headers.insert("openai-processing-ms", HeaderValue::from(started.elapsed().as_millis() as u64));
+
+    let (status, body) = match (status, &parsed) {
+        (StatusCode::OK, Err(msg)) => {
+            record.status = 400;
+            (StatusCode::BAD_REQUEST, error_body(StatusCode::BAD_REQUEST, msg, "invalid_request_error", None))
+        }
+        (StatusCode::OK, Ok(req)) => match completion(req, &model, &config) {
+            Ok((body, usage)) => {
+                record.prompt_tokens = usage.0;
+                record.completion_tokens = usage.1;
+                record.cached_tokens = usage.2;
+                (StatusCode::OK, body)
+            }
+            Err(msg) => {
+                record.status = 400;
+                (StatusCode::BAD_REQUEST, error_body(StatusCode::BAD_REQUEST, &msg, "invalid_request_error", None))
+            }
+        },
+        (StatusCode::TOO_MANY_REQUESTS, _) => {
+            let secs = config.retry_after_seconds.max(0.0);
+            resp_headers.insert("retry-after", HeaderValue::from(secs.ceil() as u64));
+            resp_headers.insert("retry-after-ms", HeaderValue::from((secs * 1000.0).round() as u64));
+            let mut b = error_body(
+                status,
+                "Rate limit reached for requests. Please try again later.",
+                "requests",
+                Some("rate_limit_exceeded"),
+            );
+            b["error"]["retry_after"] = json!(secs);
+            (status, b)
+        }
+        (StatusCode::UNAUTHORIZED, _) => (
+            status,
+            error_body(status, "Incorrect API key provided.", "invalid_request_error", Some("invalid_api_key")),
+        ),
+        (StatusCode::PAYMENT_REQUIRED, _) => (
+            status,
+            error_body(status, "Your account balance is insufficient.", "insufficient_quota", Some("insufficient_quota")),
+        ),
+        (StatusCode::FORBIDDEN, _) => (
+            status,
+            error_body(status, "You are not allowed to use this model.", "permission_error", None),
+        ),
+        (StatusCode::NOT_FOUND, _) => (
+            status,
+            error_body(status, &format!("The model `{model}` does not exist."), "invalid_request_error", Some("model_not_found")),
+        ),
+        (s, _) if s.is_client_error() => (
+            s,
+            error_body(s, "Invalid request (forced by the mock).", "invalid_request_error", None),
+        ),
+        (s, _) => (
+            s,
+            error_body(s, "The server had an error while processing your request.", "server_error", None),
+        ),
+    };
+    state.inner.lock().unwrap().calls.push(record);
+    (status, resp_headers, Json(body)).into_response()
+}
+
+/// The `[mock:...]` trigger in the request's messages, if any.
+fn trigger_of(req: &Map<String, Value>) -> Option<String> {
+    let msgs = req.get("messages")?.as_array()?;
+    msgs.iter().find_map(|m| {
+        let text = m.get("content")?.as_str()?;
+        let start = text.find("[mock:")? + 6;
+        let end = text[start..].find(']')? + start;
+        Some(text[start..end].to_string())
+    })
+}
+
+/// Completion tokens the mock reports: a pure function of the prompt, never
+/// more than the request allows.
+pub fn completion_tokens_for(prompt_tokens: u64, max_tokens: Option<u64>) -> u64 {
+    let natural = 5 + (prompt_tokens * 7) % 40;
+    max_tokens.map_or(natural, |m| natural.min(m))
+}
+
+type UsageTriple = (u64, u64, u64);
+
+fn completion(req: &Map<String, Value>, model: &str, config: &MockConfig) -> Result<(Value, UsageTriple), String> {
+    if model.is_empty() {
+        return Err("you must provide a model parameter".into());
+    }
+    if !matches!(req.get("messages"), Some(Value::Array(m)) if !m.is_empty()) {
+        return Err("'messages' must be a non-empty array".into());
+    }
+    if req.get("stream").and_then(Value::as_bool) == Some(true) {
+        return Err("this mock does not stream; send stream: false".into());
+    }
+    let prompt = crate::tokens::prompt_tokens(req);
+    let max = ["max_completion_tokens", "max_tokens"]
+        .iter()
+        .find_map(|k| req.get(*k).and_then(Value::as_u64));
+    let completion = completion_tokens_for(prompt, max);
+    let cached = prompt * config.cached_percent.min(100) / 100;
+    let natural = completion_tokens_for(prompt, None);
+    let content = vec!["mock"; completion as usize].join(" ");
+    let created = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    let body = json!({
+        "id": format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": content, "refusal": null},
+            "logprobs": null,
+            "finish_reason": if completion < natural { "length" } else { "stop" },
+        }],
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
+        },
+        "system_fingerprint": "fp_sheepdog_mock",
+    });
+    Ok((body, (prompt, completion, cached)))
+}

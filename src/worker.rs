@@ -1,0 +1,392 @@
+//! The pipeline of one replica: deliver → parse → claim → call → record → ack.
+//!
+//! A supervisor owns the AMQP connection and rebuilds connection, channels, qos
+//! and consumer after any error. Each delivery is handled by its own task and
+//! settled exactly once — acked after its result (or failure, or dead letter, or
+//! hand-back through a retry queue) is durable, or left unacked for the broker
+//! to redeliver. A delivery is only ever acked through its own acker, i.e. on
+//! the channel it came from.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::Channel;
+use rand::Rng;
+use secrecy::SecretString;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::amqp::{self, DEAD_QUEUE, ERROR_HEADER, JOBS_QUEUE, RETRIES_HEADER};
+use crate::config::WorkerArgs;
+use crate::job::{Job, JobId};
+use crate::metrics::Metrics;
+use crate::prices::{PriceTable, Usage};
+use crate::store::jobs::{self as store, Begin, JobEnd, Reservation, Settlement};
+use crate::upstream::{Attempt, Client, Verdict};
+
+/// Everything a replica's tasks share.
+pub struct Worker {
+    pub pool: PgPool,
+    pub client: Client,
+    pub prices: PriceTable,
+    pub args: WorkerArgs,
+    pub amqp_url: SecretString,
+    pub name: String,
+    pub metrics: Arc<Metrics>,
+    /// Claims held by this replica's tasks, released if shutdown cuts them short.
+    in_hand: Mutex<HashMap<Uuid, JobId>>,
+}
+
+/// How a delivery ends.
+enum Settle {
+    Ack,
+    /// Leave it to the broker: nack with requeue.
+    Requeue,
+}
+
+impl Worker {
+    pub fn new(
+        pool: PgPool,
+        client: Client,
+        prices: PriceTable,
+        args: WorkerArgs,
+        amqp_url: SecretString,
+        name: String,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Worker> {
+        Arc::new(Worker { pool, client, prices, args, amqp_url, name, metrics, in_hand: Mutex::new(HashMap::new()) })
+    }
+
+    /// Consumes until `shutdown` fires, then finishes the jobs in hand (within the
+    /// grace period) and returns.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> anyhow::Result<()> {
+        crate::tokens::warm_up();
+        self.metrics.db_ok.store(true, Ordering::Relaxed);
+        let tracker = TaskTracker::new();
+        let mut backoff = Duration::from_millis(200);
+        while !shutdown.is_cancelled() {
+            match self.clone().session(&shutdown, &tracker, &mut backoff).await {
+                Ok(()) => break,
+                Err(e) => {
+                    self.metrics.amqp_connected.store(false, Ordering::Relaxed);
+                    let wait = backoff.mul_f64(0.5 + rand::rng().random::<f64>() * 0.5);
+                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "AMQP session ended; reconnecting");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.cancelled() => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+        tracker.close();
+        self.metrics.amqp_connected.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// One connection's life. Returns Ok after a clean shutdown, Err when the
+    /// connection or channel broke.
+    async fn session(
+        self: Arc<Self>,
+        shutdown: &CancellationToken,
+        tracker: &TaskTracker,
+        backoff: &mut Duration,
+    ) -> anyhow::Result<()> {
+        let conn = amqp::connect(&self.amqp_url, &self.name).await?;
+        let consume_ch = conn.create_channel().await?;
+        consume_ch.basic_qos(self.args.concurrency.max(1), BasicQosOptions::default()).await?;
+        let publish_ch = amqp::confirm_channel(&conn).await?;
+        let tag = format!("{}-{}", self.name, Uuid::new_v4().simple());
+        let mut consumer = consume_ch
+            .basic_consume(JOBS_QUEUE.into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await?;
+        self.metrics.amqp_connected.store(true, Ordering::Relaxed);
+        *backoff = Duration::from_millis(200);
+        tracing::info!(worker = %self.name, prefetch = self.args.concurrency, "consuming {JOBS_QUEUE}");
+
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                next = consumer.next() => match next {
+                    Some(Ok(delivery)) => {
+                        let w = self.clone();
+                        let ch = publish_ch.clone();
+                        tracker.spawn(async move { w.handle(delivery, ch).await });
+                    }
+                    Some(Err(e)) => return Err(e.into()),
+                    None => anyhow::bail!("the broker cancelled the consumer"),
+                }
+            }
+        }
+
+        // Shutdown: take nothing new, hand back what was prefetched but not
+        // started, finish what is in hand, then close.
+        tracing::info!(in_flight = self.metrics.in_flight.load(Ordering::Relaxed), "stopping: no new jobs; finishing the ones in hand");
+        let _ = consume_ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+        while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(200), consumer.next()).await {
+            let _ = d.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+        }
+        tracker.close();
+        let grace = Duration::from_secs_f64(self.args.grace_seconds.max(0.0));
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            let held: Vec<(Uuid, JobId)> = self.in_hand.lock().unwrap().drain().collect();
+            tracing::warn!(jobs = held.len(), "grace period over; handing back the jobs still in hand");
+            for (token, id) in held {
+                let _ = store::release(&self.pool, &id, token).await;
+            }
+        }
+        let _ = conn.close(200, "shutdown".into()).await;
+        Ok(())
+    }
+
+    async fn handle(self: Arc<Self>, delivery: Delivery, publish_ch: Channel) {
+        self.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
+        let result = self.process(&delivery, &publish_ch).await;
+        let settled = match result {
+            Ok(Settle::Ack) => delivery.ack(BasicAckOptions::default()).await,
+            Ok(Settle::Requeue) => delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await,
+            Err(e) => {
+                // The database or broker failed under us: leave the job to the
+                // broker, after a pause so a persistent fault is not a hot loop.
+                tracing::warn!(error = format!("{e:#}"), "could not finish a delivery; it will be redelivered");
+                let pause = Duration::from_millis(500 + rand::rng().random_range(0..1500));
+                tokio::time::sleep(pause).await;
+                delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await
+            }
+        };
+        match settled {
+            Ok(true) => {}
+            Ok(false) | Err(_) => tracing::debug!(
+                "delivery could not be settled on its channel (connection lost); the broker will redeliver it"
+            ),
+        }
+        self.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    async fn process(&self, delivery: &Delivery, publish_ch: &Channel) -> anyhow::Result<Settle> {
+        let job = match Job::parse(&delivery.data, self.args.max_message_bytes) {
+            Ok(j) => j,
+            Err(invalid) => {
+                let err = json!({"code": "invalid_message", "message": invalid.reason});
+                self.dead_letter(publish_ch, delivery, &invalid.reason).await?;
+                if let Some(id) = &invalid.id {
+                    store::fail_without_call(&self.pool, id, None, None, &err, None).await?;
+                }
+                tracing::warn!(job = invalid.id.as_ref().map(|i| i.to_string()), reason = %invalid.reason, "dead-lettered an invalid message");
+                return Ok(Settle::Ack);
+            }
+        };
+        let Some(price) = self.prices.get(&job.model).cloned() else {
+            let reason = format!("model {:?} has no price in the price table; add it to SHEEPDOG_PRICES", job.model);
+            self.dead_letter(publish_ch, delivery, &reason).await?;
+            let err = json!({"code": "unknown_model", "message": reason});
+            store::fail_without_call(&self.pool, &job.id, Some(&job.model), job.metadata.as_ref(), &err, None).await?;
+            tracing::warn!(job = %job.id, %reason, "failed before any upstream call");
+            return Ok(Settle::Ack);
+        };
+
+        let body = job.upstream_body(self.args.default_max_tokens);
+        let prompt_estimate = crate::tokens::prompt_tokens(&body);
+        let max_completion = job.max_tokens().unwrap_or(self.args.default_max_tokens) as u64;
+        let reservation = Reservation {
+            tokens: (prompt_estimate + max_completion) as i64,
+            cost_usd: price.worst_case(prompt_estimate, max_completion),
+            budget_period: None,
+        };
+        let token = Uuid::new_v4();
+        self.in_hand.lock().unwrap().insert(token, job.id.clone());
+        let result = self.attempts(&job, &body, &price, &reservation, token, delivery, publish_ch).await;
+        self.in_hand.lock().unwrap().remove(&token);
+        result
+    }
+
+    /// Calls the upstream until the job ends or must wait in a retry queue.
+    #[allow(clippy::too_many_arguments)]
+    async fn attempts(
+        &self,
+        job: &Job,
+        body: &serde_json::Map<String, Value>,
+        price: &crate::prices::Price,
+        reservation: &Reservation,
+        token: Uuid,
+        delivery: &Delivery,
+        publish_ch: &Channel,
+    ) -> anyhow::Result<Settle> {
+        // Quick in-process retries for blips; longer waits go through RabbitMQ.
+        let mut quick = tokio_retry::strategy::ExponentialBackoff::from_millis(5)
+            .factor(10)
+            .map(tokio_retry::strategy::jitter)
+            .take(2);
+        loop {
+            let (call_id, attempt) = match store::begin_attempt(
+                &self.pool,
+                &job.id,
+                &job.model,
+                job.metadata.as_ref(),
+                token,
+                self.args.lease_seconds,
+                reservation,
+            )
+            .await?
+            {
+                Begin::Started { call_id, attempt } => (call_id, attempt),
+                Begin::Finished => {
+                    self.metrics.jobs_duplicate.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(job = %job.id, "already finished; acking the duplicate without a call");
+                    return Ok(Settle::Ack);
+                }
+                Begin::Busy => {
+                    // Another claim is live. Check again later: either that worker
+                    // finishes, or its lease runs out and this copy takes over.
+                    self.requeue_later(publish_ch, delivery, Duration::from_secs(5), false).await?;
+                    return Ok(Settle::Ack);
+                }
+            };
+
+            let a = self.client.call(body).await;
+            let settlement = settlement_for(&a, call_id, price, reservation);
+            let (outcome, prompt, completion, cost) = (
+                settlement.outcome,
+                settlement.prompt_tokens.unwrap_or(0) as u64,
+                settlement.completion_tokens.unwrap_or(0) as u64,
+                settlement.cost_usd,
+            );
+            self.metrics.call(outcome, &job.model, a.latency, prompt, completion, cost);
+            let log_done = |status: &str| {
+                tracing::info!(
+                    batch_id = %job.id.batch_id, custom_id = %job.id.custom_id, status, attempt,
+                    prompt_tokens = prompt, completion_tokens = completion, cost_usd = %cost,
+                    latency_ms = a.latency.as_millis() as u64, "job finished"
+                );
+            };
+            match &a.verdict {
+                Verdict::Ok => {
+                    let s = Settlement { end: JobEnd::Succeeded, ..settlement };
+                    store::settle(&self.pool, &job.id, &s).await?;
+                    self.metrics.jobs_succeeded.fetch_add(1, Ordering::Relaxed);
+                    log_done("succeeded");
+                    return Ok(Settle::Ack);
+                }
+                Verdict::Permanent { reason } => {
+                    let s = Settlement {
+                        end: JobEnd::Failed,
+                        job_error: Some(json!({"code": "upstream_rejected", "message": reason})),
+                        ..settlement
+                    };
+                    store::settle(&self.pool, &job.id, &s).await?;
+                    self.metrics.jobs_failed.fetch_add(1, Ordering::Relaxed);
+                    log_done("failed");
+                    return Ok(Settle::Ack);
+                }
+                Verdict::Transient { reason, retry_after } => {
+                    if attempt as u32 >= self.args.max_attempts {
+                        let why = format!("gave up after {attempt} attempts; last: {reason}");
+                        let s = Settlement {
+                            end: JobEnd::Failed,
+                            job_error: Some(json!({"code": "attempts_exhausted", "message": why})),
+                            ..settlement
+                        };
+                        store::settle(&self.pool, &job.id, &s).await?;
+                        self.dead_letter(publish_ch, delivery, &why).await?;
+                        self.metrics.jobs_failed.fetch_add(1, Ordering::Relaxed);
+                        log_done("failed");
+                        return Ok(Settle::Ack);
+                    }
+                    store::settle(&self.pool, &job.id, &Settlement { end: JobEnd::Continue, ..settlement }).await?;
+                    let short_wait = retry_after.is_none_or(|d| d <= Duration::from_secs(1));
+                    match quick.next() {
+                        Some(d) if short_wait => {
+                            tokio::time::sleep(d.max(retry_after.unwrap_or_default())).await;
+                            continue;
+                        }
+                        _ => {
+                            let delay = backoff_for(attempt as u32).max(retry_after.unwrap_or_default());
+                            tracing::info!(job = %job.id, attempt, %reason, delay_s = delay.as_secs_f64(), "retrying later");
+                            store::release(&self.pool, &job.id, token).await?;
+                            self.requeue_later(publish_ch, delivery, delay, true).await?;
+                            self.metrics.jobs_retried.fetch_add(1, Ordering::Relaxed);
+                            return Ok(Settle::Ack);
+                        }
+                    }
+                }
+                Verdict::Paused { reason } => {
+                    // The key or the balance: no job fails. Hand the job back and wait.
+                    store::settle(&self.pool, &job.id, &Settlement { end: JobEnd::Continue, ..settlement }).await?;
+                    tracing::error!(%reason, "the upstream refused the account; handing the job back");
+                    store::release(&self.pool, &job.id, token).await?;
+                    self.requeue_later(publish_ch, delivery, Duration::from_secs(30), false).await?;
+                    return Ok(Settle::Ack);
+                }
+            }
+        }
+    }
+
+    /// Publishes the message, body and headers unchanged, to `sheepdog.dead` with
+    /// its reason, and waits for the confirm.
+    async fn dead_letter(&self, ch: &Channel, delivery: &Delivery, reason: &str) -> anyhow::Result<()> {
+        let headers = amqp::headers_with(&delivery.properties, &[(ERROR_HEADER, amqp::string_value(reason))]);
+        let props = delivery.properties.clone().with_headers(headers).with_delivery_mode(2);
+        amqp::publish_confirmed(ch, DEAD_QUEUE, &delivery.data, props).await?;
+        self.metrics.jobs_dead_lettered.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Puts the message in the retry tier that brings it back after `delay`.
+    async fn requeue_later(&self, ch: &Channel, delivery: &Delivery, delay: Duration, counts: bool) -> anyhow::Result<()> {
+        let retries = amqp::header_u32(&delivery.properties, RETRIES_HEADER).unwrap_or(0) + u32::from(counts);
+        let headers: FieldTable =
+            amqp::headers_with(&delivery.properties, &[(RETRIES_HEADER, AMQPValue::LongLongInt(retries as i64))]);
+        let props = delivery.properties.clone().with_headers(headers).with_delivery_mode(2);
+        let tier = amqp::retry_tier_for(delay);
+        amqp::publish_confirmed(ch, &amqp::retry_queue(tier), &delivery.data, props).await?;
+        Ok(())
+    }
+}
+
+/// Exponential backoff with equal jitter: 2s, 4s, 8s … up to 10 minutes.
+fn backoff_for(attempt: u32) -> Duration {
+    let base = 2f64.powi(attempt.min(10) as i32).min(600.0);
+    Duration::from_secs_f64(base / 2.0 + rand::rng().random::<f64>() * base / 2.0)
+}
+
+/// The ledger entry an attempt makes.
+fn settlement_for(a: &Attempt, call_id: i64, price: &crate::prices::Price, r: &Reservation) -> Settlement {
+    let resp = a.response.as_ref();
+    let usage: Option<Usage> = resp.and_then(|r| r.usage);
+    let (outcome, cost) = match (&a.verdict, usage) {
+        (Verdict::Ok, Some(u)) => ("ok", price.cost(&u)),
+        (_, Some(u)) => ("error", price.cost(&u)),
+        (_, None) if a.maybe_billed => ("unknown", r.cost_usd),
+        (_, None) => ("error", rust_decimal::Decimal::ZERO),
+    };
+    let status_code = resp.map(|r| r.status as i32);
+    let error = match &a.verdict {
+        Verdict::Ok => None,
+        v => Some(v.reason().to_string()),
+    };
+    Settlement {
+        call_id,
+        outcome,
+        status_code,
+        prompt_tokens: usage.map(|u| u.prompt_tokens as i64),
+        completion_tokens: usage.map(|u| u.completion_tokens as i64),
+        cached_tokens: usage.map(|u| u.cached_tokens as i64),
+        cost_usd: cost,
+        error,
+        upstream_request_id: resp.and_then(|r| r.request_id.clone()),
+        latency_ms: Some(a.latency.as_millis().min(i32::MAX as u128) as i32),
+        end: JobEnd::Continue,
+        response: resp.map(|r| r.body.clone()),
+        job_error: None,
+    }
+}
