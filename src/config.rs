@@ -37,13 +37,21 @@ pub struct AmqpArgs {
 #[derive(Args, Clone, Debug)]
 pub struct UpstreamArgs {
     /// Base URL of the OpenAI-compatible API; `/chat/completions` is appended.
-    #[arg(long = "base-url", env = "HOLYSHEEP_BASE_URL", default_value = "https://api.holysheep.ai/v1")]
+    #[arg(
+        long = "base-url",
+        env = "HOLYSHEEP_BASE_URL",
+        default_value = "https://api.holysheep.ai/v1"
+    )]
     pub base_url: String,
     /// Bearer key. Never logged, never stored.
     #[arg(long = "api-key", env = "HOLYSHEEP_API_KEY", hide_env_values = true)]
     pub api_key: Option<SecretString>,
     /// Seconds before an upstream call is abandoned as a timeout.
-    #[arg(long = "http-timeout", env = "SHEEPDOG_HTTP_TIMEOUT_SECONDS", default_value_t = 120.0)]
+    #[arg(
+        long = "http-timeout",
+        env = "SHEEPDOG_HTTP_TIMEOUT_SECONDS",
+        default_value_t = 120.0
+    )]
     pub http_timeout_seconds: f64,
     /// Largest upstream response body accepted, in bytes.
     #[arg(long = "max-response-bytes", env = "SHEEPDOG_MAX_RESPONSE_BYTES", default_value_t = 16 * 1024 * 1024)]
@@ -63,7 +71,11 @@ pub struct WorkerArgs {
     #[arg(long = "concurrency", env = "SHEEPDOG_CONCURRENCY", default_value_t = 32)]
     pub concurrency: u16,
     /// `max_tokens` sent when a job sets none.
-    #[arg(long = "default-max-tokens", env = "SHEEPDOG_DEFAULT_MAX_TOKENS", default_value_t = 4096)]
+    #[arg(
+        long = "default-max-tokens",
+        env = "SHEEPDOG_DEFAULT_MAX_TOKENS",
+        default_value_t = 4096
+    )]
     pub default_max_tokens: u32,
     /// Price file in LiteLLM's field names; the built-in table when unset.
     #[arg(long = "prices", env = "SHEEPDOG_PRICES")]
@@ -82,7 +94,11 @@ pub struct WorkerArgs {
     #[arg(long = "grace", env = "SHEEPDOG_SHUTDOWN_GRACE_SECONDS", default_value_t = 60.0)]
     pub grace_seconds: f64,
     /// Health and metrics listen address; `off` disables it.
-    #[arg(long = "metrics-addr", env = "SHEEPDOG_METRICS_ADDR", default_value = "127.0.0.1:9090")]
+    #[arg(
+        long = "metrics-addr",
+        env = "SHEEPDOG_METRICS_ADDR",
+        default_value = "127.0.0.1:9090"
+    )]
     pub metrics_addr: String,
 }
 

@@ -44,7 +44,10 @@ pub struct InvalidJob {
 
 impl InvalidJob {
     fn new(reason: impl Into<String>, id: Option<JobId>) -> Self {
-        Self { reason: reason.into(), id }
+        Self {
+            reason: reason.into(),
+            id,
+        }
     }
 }
 
@@ -53,14 +56,17 @@ impl Job {
     pub fn parse(bytes: &[u8], max_bytes: usize) -> Result<Job, InvalidJob> {
         if bytes.len() > max_bytes {
             return Err(InvalidJob::new(
-                format!("message is {} bytes, larger than the maximum of {max_bytes}", bytes.len()),
+                format!(
+                    "message is {} bytes, larger than the maximum of {max_bytes}",
+                    bytes.len()
+                ),
                 None,
             ));
         }
-        let text = std::str::from_utf8(bytes)
-            .map_err(|e| InvalidJob::new(format!("message is not UTF-8: {e}"), None))?;
-        let value: Value = serde_json::from_str(text)
-            .map_err(|e| InvalidJob::new(format!("message is not valid JSON: {e}"), None))?;
+        let text =
+            std::str::from_utf8(bytes).map_err(|e| InvalidJob::new(format!("message is not UTF-8: {e}"), None))?;
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| InvalidJob::new(format!("message is not valid JSON: {e}"), None))?;
         Self::from_value(value)
     }
 
@@ -70,9 +76,7 @@ impl Job {
             return Err(InvalidJob::new("message must be a JSON object", None));
         };
         let custom_id = match obj.get("custom_id") {
-            Some(Value::String(s)) if s.is_empty() => {
-                return Err(InvalidJob::new("custom_id must not be empty", None))
-            }
+            Some(Value::String(s)) if s.is_empty() => return Err(InvalidJob::new("custom_id must not be empty", None)),
             Some(Value::String(s)) if s.len() > MAX_CUSTOM_ID_BYTES => {
                 return Err(InvalidJob::new(
                     format!("custom_id is {} bytes, at most {MAX_CUSTOM_ID_BYTES} allowed", s.len()),
@@ -85,9 +89,7 @@ impl Job {
         };
         let batch_id = match obj.get("batch_id") {
             None | Some(Value::Null) => DEFAULT_BATCH.to_string(),
-            Some(Value::String(s)) if s.is_empty() => {
-                return Err(InvalidJob::new("batch_id must not be empty", None))
-            }
+            Some(Value::String(s)) if s.is_empty() => return Err(InvalidJob::new("batch_id must not be empty", None)),
             Some(Value::String(s)) if s.len() > MAX_BATCH_ID_BYTES => {
                 return Err(InvalidJob::new(
                     format!("batch_id is {} bytes, at most {MAX_BATCH_ID_BYTES} allowed", s.len()),
@@ -135,11 +137,7 @@ impl Job {
                 for (i, m) in msgs.iter().enumerate() {
                     match m {
                         Value::Object(o) if matches!(o.get("role"), Some(Value::String(_))) => {}
-                        _ => {
-                            return Err(bad(format!(
-                                "body.messages[{i}] must be an object with a string role"
-                            )))
-                        }
+                        _ => return Err(bad(format!("body.messages[{i}] must be an object with a string role"))),
                     }
                 }
             }
@@ -154,7 +152,12 @@ impl Job {
                 Some(_) => return Err(bad(format!("body.{key} must be a non-negative integer"))),
             }
         }
-        Ok(Job { id, model, body, metadata })
+        Ok(Job {
+            id,
+            model,
+            body,
+            metadata,
+        })
     }
 
     /// The `max_tokens` the job asked for, if any.
@@ -203,7 +206,13 @@ mod tests {
     #[test]
     fn accepts_a_batch_line() {
         let j = parse(r#"{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"model":"gpt-4.1","messages":[{"role":"user","content":"hi"}]},"metadata":{"k":1}}"#).unwrap();
-        assert_eq!(j.id, JobId { batch_id: "default".into(), custom_id: "a".into() });
+        assert_eq!(
+            j.id,
+            JobId {
+                batch_id: "default".into(),
+                custom_id: "a".into()
+            }
+        );
         assert_eq!(j.model, "gpt-4.1");
         assert_eq!(j.metadata, Some(serde_json::json!({"k":1})));
         let up = j.upstream_body(77);

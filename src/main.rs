@@ -10,7 +10,11 @@ use sheepdog::upstream::mock::{MockConfig, MockServer};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "sheepdog", version, about = "Queue-driven worker for batch LLM chat-completion jobs")]
+#[command(
+    name = "sheepdog",
+    version,
+    about = "Queue-driven worker for batch LLM chat-completion jobs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -131,10 +135,16 @@ enum Command {
 
 fn init_logging(quiet: bool) {
     use tracing_subscriber::EnvFilter;
-    let default = if quiet { "warn,sqlx=error,lapin=error" } else { "info,sqlx=warn,lapin=warn" };
+    let default = if quiet {
+        "warn,sqlx=error,lapin=error"
+    } else {
+        "info,sqlx=warn,lapin=warn"
+    };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let json = std::env::var("SHEEPDOG_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         b.json().flatten_event(true).init();
     } else {
@@ -186,10 +196,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             commands::migrate(&db.database_url, &amqp.amqp_url).await?;
             println!("migrations applied; queues declared");
         }
-        Command::Worker { db, amqp, upstream, worker } => {
+        Command::Worker {
+            db,
+            amqp,
+            upstream,
+            worker,
+        } => {
             let shutdown = shutdown_on_signals();
-            let w = commands::build_worker(&db.database_url, &amqp.amqp_url, &upstream, &worker, commands::replica_name())
-                .await?;
+            let w = commands::build_worker(
+                &db.database_url,
+                &amqp.amqp_url,
+                &upstream,
+                &worker,
+                commands::replica_name(),
+            )
+            .await?;
             if worker.metrics_addr != "off" {
                 match sheepdog::metrics::serve(&worker.metrics_addr, w.metrics.clone()).await {
                     Ok(_) => tracing::info!(addr = %worker.metrics_addr, "serving /healthz, /readyz, /metrics"),
@@ -200,7 +221,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             w.run(shutdown).await?;
             tracing::info!("worker stopped");
         }
-        Command::Enqueue { file, batch, quiet, max_message_bytes, db, amqp } => {
+        Command::Enqueue {
+            file,
+            batch,
+            quiet,
+            max_message_bytes,
+            db,
+            amqp,
+        } => {
             let pool = sheepdog::store::connect(&db.database_url, 2).await?;
             commands::require_schema(&pool).await?;
             let r = commands::enqueue::enqueue_file(&pool, &amqp.amqp_url, &file, &batch, max_message_bytes, !quiet)
@@ -209,7 +237,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 eprintln!("line {}: refused: {}", x.line, x.reason);
             }
             if !r.unconfirmed.is_empty() {
-                eprintln!("lines not confirmed by the broker (run enqueue again to publish them): {:?}", r.unconfirmed);
+                eprintln!(
+                    "lines not confirmed by the broker (run enqueue again to publish them): {:?}",
+                    r.unconfirmed
+                );
             }
             println!(
                 "batch {batch}: {} published ({} new jobs), {} refused, {} unconfirmed",
@@ -245,13 +276,34 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let n = commands::status::export(&pool, &batch, &out).await?;
             println!("wrote {n} lines to {}", out.display());
         }
-        Command::Demo { replicas, db, amqp, upstream, worker } => {
+        Command::Demo {
+            replicas,
+            db,
+            amqp,
+            upstream,
+            worker,
+        } => {
             commands::demo::run(&db.database_url, &amqp.amqp_url, upstream, worker, replicas).await?;
         }
-        Command::Bench { bench, db, amqp, upstream, worker } => {
+        Command::Bench {
+            bench,
+            db,
+            amqp,
+            upstream,
+            worker,
+        } => {
             commands::bench::run(&db.database_url, &amqp.amqp_url, upstream, worker, bench).await?;
         }
-        Command::MockUpstream { listen, latency_ms, latency_ms_max, error_rate, rate_429, retry_after, mode, cached_percent } => {
+        Command::MockUpstream {
+            listen,
+            latency_ms,
+            latency_ms_max,
+            error_rate,
+            rate_429,
+            retry_after,
+            mode,
+            cached_percent,
+        } => {
             let shutdown = shutdown_on_signals();
             let config = MockConfig {
                 latency_ms_min: latency_ms,

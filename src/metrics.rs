@@ -9,7 +9,9 @@ use std::time::Duration;
 use rust_decimal::Decimal;
 
 /// Upper bounds (seconds) of the upstream latency histogram.
-const LATENCY_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
 
 #[derive(Default)]
 pub struct Metrics {
@@ -91,7 +93,12 @@ impl Metrics {
         let c = |o: &mut String, name: &str, help: &str, kind: &str| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
         };
-        c(&mut o, "sheepdog_jobs_total", "Jobs this replica finished, by outcome.", "counter");
+        c(
+            &mut o,
+            "sheepdog_jobs_total",
+            "Jobs this replica finished, by outcome.",
+            "counter",
+        );
         for (k, v) in [
             ("succeeded", &self.jobs_succeeded),
             ("failed", &self.jobs_failed),
@@ -99,23 +106,55 @@ impl Metrics {
             ("retried", &self.jobs_retried),
             ("duplicate", &self.jobs_duplicate),
         ] {
-            let _ = writeln!(o, "sheepdog_jobs_total{{outcome=\"{k}\"}} {}", v.load(Ordering::Relaxed));
+            let _ = writeln!(
+                o,
+                "sheepdog_jobs_total{{outcome=\"{k}\"}} {}",
+                v.load(Ordering::Relaxed)
+            );
         }
-        c(&mut o, "sheepdog_jobs_in_flight", "Deliveries this replica holds.", "gauge");
+        c(
+            &mut o,
+            "sheepdog_jobs_in_flight",
+            "Deliveries this replica holds.",
+            "gauge",
+        );
         let _ = writeln!(o, "sheepdog_jobs_in_flight {}", self.in_flight.load(Ordering::Relaxed));
-        c(&mut o, "sheepdog_upstream_calls_total", "Upstream call attempts, by ledger outcome.", "counter");
+        c(
+            &mut o,
+            "sheepdog_upstream_calls_total",
+            "Upstream call attempts, by ledger outcome.",
+            "counter",
+        );
         for (k, v) in self.calls.lock().unwrap().iter() {
             let _ = writeln!(o, "sheepdog_upstream_calls_total{{outcome=\"{k}\"}} {v}");
         }
-        c(&mut o, "sheepdog_tokens_total", "Tokens used, by model and kind.", "counter");
+        c(
+            &mut o,
+            "sheepdog_tokens_total",
+            "Tokens used, by model and kind.",
+            "counter",
+        );
         c(&mut o, "sheepdog_cost_usd_total", "Spend in USD, by model.", "counter");
         for (m, t) in self.by_model.lock().unwrap().iter() {
             let m = m.replace(['"', '\\', '\n'], "_");
-            let _ = writeln!(o, "sheepdog_tokens_total{{model=\"{m}\",kind=\"prompt\"}} {}", t.prompt_tokens);
-            let _ = writeln!(o, "sheepdog_tokens_total{{model=\"{m}\",kind=\"completion\"}} {}", t.completion_tokens);
+            let _ = writeln!(
+                o,
+                "sheepdog_tokens_total{{model=\"{m}\",kind=\"prompt\"}} {}",
+                t.prompt_tokens
+            );
+            let _ = writeln!(
+                o,
+                "sheepdog_tokens_total{{model=\"{m}\",kind=\"completion\"}} {}",
+                t.completion_tokens
+            );
             let _ = writeln!(o, "sheepdog_cost_usd_total{{model=\"{m}\"}} {}", t.cost_usd);
         }
-        c(&mut o, "sheepdog_upstream_latency_seconds", "Upstream call latency.", "histogram");
+        c(
+            &mut o,
+            "sheepdog_upstream_latency_seconds",
+            "Upstream call latency.",
+            "histogram",
+        );
         {
             let h = self.latency.lock().unwrap();
             for (i, b) in LATENCY_BUCKETS.iter().enumerate() {
@@ -129,13 +168,40 @@ impl Metrics {
             let _ = writeln!(o, "sheepdog_upstream_latency_seconds_sum {}", h.sum);
             let _ = writeln!(o, "sheepdog_upstream_latency_seconds_count {}", h.count);
         }
-        c(&mut o, "sheepdog_limiter_wait_seconds_total", "Time jobs spent waiting for the global limits.", "counter");
-        let _ = writeln!(o, "sheepdog_limiter_wait_seconds_total {}", *self.limiter_wait_seconds.lock().unwrap());
-        c(&mut o, "sheepdog_paused", "1 while this replica takes no jobs (breaker, budget, auth).", "gauge");
+        c(
+            &mut o,
+            "sheepdog_limiter_wait_seconds_total",
+            "Time jobs spent waiting for the global limits.",
+            "counter",
+        );
+        let _ = writeln!(
+            o,
+            "sheepdog_limiter_wait_seconds_total {}",
+            *self.limiter_wait_seconds.lock().unwrap()
+        );
+        c(
+            &mut o,
+            "sheepdog_paused",
+            "1 while this replica takes no jobs (breaker, budget, auth).",
+            "gauge",
+        );
         let _ = writeln!(o, "sheepdog_paused {}", u8::from(self.paused.lock().unwrap().is_some()));
-        c(&mut o, "sheepdog_up", "Connections this replica needs, 1 when up.", "gauge");
-        let _ = writeln!(o, "sheepdog_up{{part=\"amqp\"}} {}", u8::from(self.amqp_connected.load(Ordering::Relaxed)));
-        let _ = writeln!(o, "sheepdog_up{{part=\"postgres\"}} {}", u8::from(self.db_ok.load(Ordering::Relaxed)));
+        c(
+            &mut o,
+            "sheepdog_up",
+            "Connections this replica needs, 1 when up.",
+            "gauge",
+        );
+        let _ = writeln!(
+            o,
+            "sheepdog_up{{part=\"amqp\"}} {}",
+            u8::from(self.amqp_connected.load(Ordering::Relaxed))
+        );
+        let _ = writeln!(
+            o,
+            "sheepdog_up{{part=\"postgres\"}} {}",
+            u8::from(self.db_ok.load(Ordering::Relaxed))
+        );
         o
     }
 }

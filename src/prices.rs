@@ -44,7 +44,11 @@ impl Usage {
             .and_then(Value::as_u64)
             .unwrap_or(0)
             .min(prompt_tokens);
-        Some(Usage { prompt_tokens, completion_tokens, cached_tokens })
+        Some(Usage {
+            prompt_tokens,
+            completion_tokens,
+            cached_tokens,
+        })
     }
 
     pub fn total(&self) -> u64 {
@@ -88,8 +92,7 @@ impl PriceTable {
         match path {
             None => Ok(Self::built_in()),
             Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .with_context(|| format!("reading price file {}", p.display()))?;
+                let text = std::fs::read_to_string(p).with_context(|| format!("reading price file {}", p.display()))?;
                 Self::parse(&text).with_context(|| format!("price file {}", p.display()))
             }
         }
@@ -110,15 +113,31 @@ impl PriceTable {
                     Some(v) => decimal(v).map(Some).with_context(|| format!("{name}.{k}")),
                 }
             };
-            let (Some(input), Some(output)) = (field("input_cost_per_token")?, field("output_cost_per_token")?)
-            else {
+            let (Some(input), Some(output)) = (field("input_cost_per_token")?, field("output_cost_per_token")?) else {
                 continue;
             };
             let cache_read = field("cache_read_input_token_cost")?;
-            models.insert(name, Price { input, output, cache_read });
+            models.insert(
+                name,
+                Price {
+                    input,
+                    output,
+                    cache_read,
+                },
+            );
         }
-        anyhow::ensure!(!models.is_empty(), "price file names no model with input and output prices");
+        anyhow::ensure!(
+            !models.is_empty(),
+            "price file names no model with input and output prices"
+        );
         Ok(PriceTable { models })
+    }
+
+    /// Model names of the built-in table, sorted.
+    pub fn built_in_names() -> Vec<String> {
+        let mut names: Vec<String> = Self::built_in().models.into_keys().collect();
+        names.sort();
+        names
     }
 
     pub fn get(&self, model: &str) -> Option<&Price> {
@@ -162,10 +181,20 @@ mod tests {
         let t = PriceTable::built_in();
         let p = t.get("deepseek-v3.2").unwrap();
         assert_eq!(p.input, Decimal::from_str("0.00000028").unwrap());
-        let c = p.cost(&Usage { prompt_tokens: 1000, completion_tokens: 333, cached_tokens: 400 });
+        let c = p.cost(&Usage {
+            prompt_tokens: 1000,
+            completion_tokens: 333,
+            cached_tokens: 400,
+        });
         // 600 × 0.28e-6 + 400 × 0.028e-6 + 333 × 0.42e-6
-        assert_eq!(c, Decimal::from_str("0.00030906").unwrap());
-        for m in ["gpt-4.1", "gpt-4o", "claude-sonnet-4.5", "gemini-2.5-flash", "deepseek-v3.2"] {
+        assert_eq!(c, Decimal::from_str("0.00031906").unwrap());
+        for m in [
+            "gpt-4.1",
+            "gpt-4o",
+            "claude-sonnet-4.5",
+            "gemini-2.5-flash",
+            "deepseek-v3.2",
+        ] {
             assert!(t.get(m).is_some(), "{m} has a price");
         }
     }
@@ -179,15 +208,13 @@ mod tests {
         assert!(t.is_err(), "a bad figure is an error, not a silent zero");
         let t = PriceTable::parse(r#"{"img": {"output_cost_per_image": 0.04}, "m": {"input_cost_per_token": 0.0000015, "output_cost_per_token": "2E-6"}}"#).unwrap();
         let p = t.get("m").unwrap();
-        assert_eq!(p.cost(&Usage { prompt_tokens: 2, completion_tokens: 1, cached_tokens: 1 }), Decimal::from_str("0.000005").unwrap());
-    }
-}
-
-impl PriceTable {
-    /// Model names of the built-in table, sorted.
-    pub fn built_in_names() -> Vec<String> {
-        let mut names: Vec<String> = Self::built_in().models.into_keys().collect();
-        names.sort();
-        names
+        assert_eq!(
+            p.cost(&Usage {
+                prompt_tokens: 2,
+                completion_tokens: 1,
+                cached_tokens: 1
+            }),
+            Decimal::from_str("0.000005").unwrap()
+        );
     }
 }

@@ -44,13 +44,14 @@ pub struct Worker {
     pub metrics: Arc<Metrics>,
     /// Claims held by this replica's tasks, released if shutdown cuts them short.
     in_hand: Mutex<HashMap<Uuid, JobId>>,
+    /// Fault injection for the crash tests (`SHEEPDOG_FAULT=exit-after-commit`:
+    /// the process exits right after its first result commits, before the ack).
+    fault: Option<String>,
 }
 
 /// How a delivery ends.
 enum Settle {
     Ack,
-    /// Leave it to the broker: nack with requeue.
-    Requeue,
 }
 
 impl Worker {
@@ -63,7 +64,18 @@ impl Worker {
         name: String,
         metrics: Arc<Metrics>,
     ) -> Arc<Worker> {
-        Arc::new(Worker { pool, client, prices, args, amqp_url, name, metrics, in_hand: Mutex::new(HashMap::new()) })
+        let fault = std::env::var("SHEEPDOG_FAULT").ok().filter(|f| !f.is_empty());
+        Arc::new(Worker {
+            pool,
+            client,
+            prices,
+            args,
+            amqp_url,
+            name,
+            metrics,
+            in_hand: Mutex::new(HashMap::new()),
+            fault,
+        })
     }
 
     /// Consumes until `shutdown` fires, then finishes the jobs in hand (within the
@@ -103,11 +115,18 @@ impl Worker {
     ) -> anyhow::Result<()> {
         let conn = amqp::connect(&self.amqp_url, &self.name).await?;
         let consume_ch = conn.create_channel().await?;
-        consume_ch.basic_qos(self.args.concurrency.max(1), BasicQosOptions::default()).await?;
+        consume_ch
+            .basic_qos(self.args.concurrency.max(1), BasicQosOptions::default())
+            .await?;
         let publish_ch = amqp::confirm_channel(&conn).await?;
         let tag = format!("{}-{}", self.name, Uuid::new_v4().simple());
         let mut consumer = consume_ch
-            .basic_consume(JOBS_QUEUE.into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+            .basic_consume(
+                JOBS_QUEUE.into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
             .await?;
         self.metrics.amqp_connected.store(true, Ordering::Relaxed);
         *backoff = Duration::from_millis(200);
@@ -131,16 +150,29 @@ impl Worker {
 
         // Shutdown: take nothing new, hand back what was prefetched but not
         // started, finish what is in hand, then close.
-        tracing::info!(in_flight = self.metrics.in_flight.load(Ordering::Relaxed), "stopping: no new jobs; finishing the ones in hand");
-        let _ = consume_ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+        tracing::info!(
+            in_flight = self.metrics.in_flight.load(Ordering::Relaxed),
+            "stopping: no new jobs; finishing the ones in hand"
+        );
+        let _ = consume_ch
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+            .await;
         while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(200), consumer.next()).await {
-            let _ = d.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            let _ = d
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await;
         }
         tracker.close();
         let grace = Duration::from_secs_f64(self.args.grace_seconds.max(0.0));
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             let held: Vec<(Uuid, JobId)> = self.in_hand.lock().unwrap().drain().collect();
-            tracing::warn!(jobs = held.len(), "grace period over; handing back the jobs still in hand");
+            tracing::warn!(
+                jobs = held.len(),
+                "grace period over; handing back the jobs still in hand"
+            );
             for (token, id) in held {
                 let _ = store::release(&self.pool, &id, token).await;
             }
@@ -154,14 +186,21 @@ impl Worker {
         let result = self.process(&delivery, &publish_ch).await;
         let settled = match result {
             Ok(Settle::Ack) => delivery.ack(BasicAckOptions::default()).await,
-            Ok(Settle::Requeue) => delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await,
             Err(e) => {
                 // The database or broker failed under us: leave the job to the
                 // broker, after a pause so a persistent fault is not a hot loop.
-                tracing::warn!(error = format!("{e:#}"), "could not finish a delivery; it will be redelivered");
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "could not finish a delivery; it will be redelivered"
+                );
                 let pause = Duration::from_millis(500 + rand::rng().random_range(0..1500));
                 tokio::time::sleep(pause).await;
-                delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await
+                delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await
             }
         };
         match settled {
@@ -187,7 +226,10 @@ impl Worker {
             }
         };
         let Some(price) = self.prices.get(&job.model).cloned() else {
-            let reason = format!("model {:?} has no price in the price table; add it to SHEEPDOG_PRICES", job.model);
+            let reason = format!(
+                "model {:?} has no price in the price table; add it to SHEEPDOG_PRICES",
+                job.model
+            );
             self.dead_letter(publish_ch, delivery, &reason).await?;
             let err = json!({"code": "unknown_model", "message": reason});
             store::fail_without_call(&self.pool, &job.id, Some(&job.model), job.metadata.as_ref(), &err, None).await?;
@@ -205,7 +247,9 @@ impl Worker {
         };
         let token = Uuid::new_v4();
         self.in_hand.lock().unwrap().insert(token, job.id.clone());
-        let result = self.attempts(&job, &body, &price, &reservation, token, delivery, publish_ch).await;
+        let result = self
+            .attempts(&job, &body, &price, &reservation, token, delivery, publish_ch)
+            .await;
         self.in_hand.lock().unwrap().remove(&token);
         result
     }
@@ -248,7 +292,8 @@ impl Worker {
                 Begin::Busy => {
                     // Another claim is live. Check again later: either that worker
                     // finishes, or its lease runs out and this copy takes over.
-                    self.requeue_later(publish_ch, delivery, Duration::from_secs(5), false).await?;
+                    self.requeue_later(publish_ch, delivery, Duration::from_secs(5), false)
+                        .await?;
                     return Ok(Settle::Ack);
                 }
             };
@@ -261,7 +306,8 @@ impl Worker {
                 settlement.completion_tokens.unwrap_or(0) as u64,
                 settlement.cost_usd,
             );
-            self.metrics.call(outcome, &job.model, a.latency, prompt, completion, cost);
+            self.metrics
+                .call(outcome, &job.model, a.latency, prompt, completion, cost);
             let log_done = |status: &str| {
                 tracing::info!(
                     batch_id = %job.id.batch_id, custom_id = %job.id.custom_id, status, attempt,
@@ -271,8 +317,15 @@ impl Worker {
             };
             match &a.verdict {
                 Verdict::Ok => {
-                    let s = Settlement { end: JobEnd::Succeeded, ..settlement };
+                    let s = Settlement {
+                        end: JobEnd::Succeeded,
+                        ..settlement
+                    };
                     store::settle(&self.pool, &job.id, &s).await?;
+                    if self.fault.as_deref() == Some("exit-after-commit") {
+                        tracing::warn!(job = %job.id, "SHEEPDOG_FAULT: exiting after the commit, before the ack");
+                        std::process::exit(137);
+                    }
                     self.metrics.jobs_succeeded.fetch_add(1, Ordering::Relaxed);
                     log_done("succeeded");
                     return Ok(Settle::Ack);
@@ -302,7 +355,15 @@ impl Worker {
                         log_done("failed");
                         return Ok(Settle::Ack);
                     }
-                    store::settle(&self.pool, &job.id, &Settlement { end: JobEnd::Continue, ..settlement }).await?;
+                    store::settle(
+                        &self.pool,
+                        &job.id,
+                        &Settlement {
+                            end: JobEnd::Continue,
+                            ..settlement
+                        },
+                    )
+                    .await?;
                     let short_wait = retry_after.is_none_or(|d| d <= Duration::from_secs(1));
                     match quick.next() {
                         Some(d) if short_wait => {
@@ -321,10 +382,19 @@ impl Worker {
                 }
                 Verdict::Paused { reason } => {
                     // The key or the balance: no job fails. Hand the job back and wait.
-                    store::settle(&self.pool, &job.id, &Settlement { end: JobEnd::Continue, ..settlement }).await?;
+                    store::settle(
+                        &self.pool,
+                        &job.id,
+                        &Settlement {
+                            end: JobEnd::Continue,
+                            ..settlement
+                        },
+                    )
+                    .await?;
                     tracing::error!(%reason, "the upstream refused the account; handing the job back");
                     store::release(&self.pool, &job.id, token).await?;
-                    self.requeue_later(publish_ch, delivery, Duration::from_secs(30), false).await?;
+                    self.requeue_later(publish_ch, delivery, Duration::from_secs(30), false)
+                        .await?;
                     return Ok(Settle::Ack);
                 }
             }
@@ -342,10 +412,18 @@ impl Worker {
     }
 
     /// Puts the message in the retry tier that brings it back after `delay`.
-    async fn requeue_later(&self, ch: &Channel, delivery: &Delivery, delay: Duration, counts: bool) -> anyhow::Result<()> {
+    async fn requeue_later(
+        &self,
+        ch: &Channel,
+        delivery: &Delivery,
+        delay: Duration,
+        counts: bool,
+    ) -> anyhow::Result<()> {
         let retries = amqp::header_u32(&delivery.properties, RETRIES_HEADER).unwrap_or(0) + u32::from(counts);
-        let headers: FieldTable =
-            amqp::headers_with(&delivery.properties, &[(RETRIES_HEADER, AMQPValue::LongLongInt(retries as i64))]);
+        let headers: FieldTable = amqp::headers_with(
+            &delivery.properties,
+            &[(RETRIES_HEADER, AMQPValue::LongLongInt(retries as i64))],
+        );
         let props = delivery.properties.clone().with_headers(headers).with_delivery_mode(2);
         let tier = amqp::retry_tier_for(delay);
         amqp::publish_confirmed(ch, &amqp::retry_queue(tier), &delivery.data, props).await?;

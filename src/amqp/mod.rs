@@ -38,8 +38,7 @@ pub fn retry_tier_for(delay: Duration) -> u64 {
 
 /// Connects, naming the connection so operators can tell replicas apart.
 pub async fn connect(url: &SecretString, name: &str) -> anyhow::Result<Connection> {
-    let props = ConnectionProperties::default()
-        .with_connection_name(LongString::from(name.to_string()));
+    let props = ConnectionProperties::default().with_connection_name(LongString::from(name.to_string()));
     Connection::connect(url.expose_secret(), props).await.map_err(|e| {
         anyhow::anyhow!(
             "cannot reach RabbitMQ at {}: {}. Is it running? `scripts/services` starts it (or set AMQP_URL).",
@@ -56,7 +55,10 @@ fn str_value(s: &str) -> AMQPValue {
 /// Declares every queue. Idempotent; the arguments never change between
 /// versions without a migration note, since RabbitMQ refuses a redeclare that differs.
 pub async fn declare_topology(channel: &Channel) -> anyhow::Result<()> {
-    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
     let mut jobs = FieldTable::default();
     jobs.insert(ShortString::from("x-queue-type"), str_value("quorum"));
     jobs.insert(ShortString::from("x-dead-letter-exchange"), str_value(""));
@@ -70,10 +72,15 @@ pub async fn declare_topology(channel: &Channel) -> anyhow::Result<()> {
     for secs in RETRY_TIERS_SECONDS {
         let mut args = FieldTable::default();
         args.insert(ShortString::from("x-queue-type"), str_value("classic"));
-        args.insert(ShortString::from("x-message-ttl"), AMQPValue::LongLongInt((*secs * 1000) as i64));
+        args.insert(
+            ShortString::from("x-message-ttl"),
+            AMQPValue::LongLongInt((*secs * 1000) as i64),
+        );
         args.insert(ShortString::from("x-dead-letter-exchange"), str_value(""));
         args.insert(ShortString::from("x-dead-letter-routing-key"), str_value(JOBS_QUEUE));
-        channel.queue_declare(retry_queue(*secs).as_str().into(), durable, args).await?;
+        channel
+            .queue_declare(retry_queue(*secs).as_str().into(), durable, args)
+            .await?;
     }
     Ok(())
 }
@@ -118,7 +125,10 @@ pub async fn publish_confirmed(
         .basic_publish(
             "".into(),
             queue.into(),
-            BasicPublishOptions { mandatory: true, ..Default::default() },
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
             body,
             properties,
         )

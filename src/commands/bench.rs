@@ -17,9 +17,6 @@ pub struct BenchArgs {
     /// Jobs to push through.
     #[arg(long, default_value_t = 20_000)]
     pub jobs: usize,
-    /// Jobs in flight per replica.
-    #[arg(long, default_value_t = 256)]
-    pub concurrency: u16,
     /// Worker replicas (each with its own connections).
     #[arg(long, default_value_t = 1)]
     pub replicas: usize,
@@ -87,7 +84,6 @@ pub async fn run(
     .await?;
     upstream.base_url = mock.base_url();
     upstream.api_key = None;
-    worker.concurrency = b.concurrency;
     worker.metrics_addr = "off".into();
 
     let batch_id = format!("bench-{}", uuid::Uuid::new_v4().simple());
@@ -116,13 +112,18 @@ pub async fn run(
         "bench: {} jobs, {} replica(s) x {} in flight, mock latency {} ms",
         b.jobs,
         b.replicas,
-        b.concurrency,
+        worker.concurrency,
         mock_latency(&b)
     );
 
     let started = Instant::now();
-    let (pool2, url2, input2, batch2, max) =
-        (pool.clone(), amqp_url.clone(), input.clone(), batch_id.clone(), worker.max_message_bytes);
+    let (pool2, url2, input2, batch2, max) = (
+        pool.clone(),
+        amqp_url.clone(),
+        input.clone(),
+        batch_id.clone(),
+        worker.max_message_bytes,
+    );
     let enqueue = tokio::spawn(async move {
         let t = Instant::now();
         let r = super::enqueue::enqueue_file(&pool2, &url2, &input2, &batch2, max, false).await;
@@ -140,15 +141,22 @@ pub async fn run(
             break;
         }
         if last_print.elapsed() > Duration::from_secs(2) {
-            eprintln!("  {done}/{} done, {:.0} jobs/s so far", b.jobs, done as f64 / started.elapsed().as_secs_f64());
+            eprintln!(
+                "  {done}/{} done, {:.0} jobs/s so far",
+                b.jobs,
+                done as f64 / started.elapsed().as_secs_f64()
+            );
             last_print = Instant::now();
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let wall = started.elapsed().as_secs_f64();
     let (report, enqueue_time) = enqueue.await?;
     let report = report?;
-    anyhow::ensure!(report.refused.is_empty() && report.unconfirmed.is_empty(), "enqueue lost lines");
+    anyhow::ensure!(
+        report.refused.is_empty() && report.unconfirmed.is_empty(),
+        "enqueue lost lines"
+    );
     shutdown.cancel();
     for h in handles {
         h.await??;
@@ -175,7 +183,7 @@ pub async fn run(
     let result = BenchResult {
         jobs: b.jobs,
         replicas: b.replicas,
-        concurrency: b.concurrency,
+        concurrency: worker.concurrency,
         mock_latency_ms: mock_latency(&b),
         wall_seconds: round(wall),
         jobs_per_second: round(b.jobs as f64 / wall),

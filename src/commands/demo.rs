@@ -24,11 +24,19 @@ pub async fn run(
     let _mock = if upstream.api_key.is_none() {
         let mock = MockServer::start(
             "127.0.0.1:0",
-            MockConfig { latency_ms_min: 40, latency_ms_max: 250, error_rate: 0.03, ..Default::default() },
+            MockConfig {
+                latency_ms_min: 40,
+                latency_ms_max: 250,
+                error_rate: 0.03,
+                ..Default::default()
+            },
         )
         .await?;
         upstream.base_url = mock.base_url();
-        println!("2/5 upstream: no HOLYSHEEP_API_KEY, so the built-in mock at {} (40-250 ms, 3% errors)", upstream.base_url);
+        println!(
+            "2/5 upstream: no HOLYSHEEP_API_KEY, so the built-in mock at {} (40-250 ms, 3% errors)",
+            upstream.base_url
+        );
         Some(mock)
     } else {
         println!("2/5 upstream: {} with your HOLYSHEEP_API_KEY", upstream.base_url);
@@ -42,7 +50,10 @@ pub async fn run(
     std::fs::write(&input, DEMO_BATCH)?;
     let report =
         super::enqueue::enqueue_file(&pool, amqp_url, &input, &batch_id, worker.max_message_bytes, true).await?;
-    println!("3/5 enqueue: {} jobs published to sheepdog.jobs as batch {batch_id}", report.published);
+    println!(
+        "3/5 enqueue: {} jobs published to sheepdog.jobs as batch {batch_id}",
+        report.published
+    );
 
     worker.metrics_addr = "off".into();
     worker.concurrency = worker.concurrency.min(16);
@@ -53,7 +64,11 @@ pub async fn run(
         let s = shutdown.clone();
         handles.push(tokio::spawn(async move { Arc::clone(&w).run(s).await }));
     }
-    println!("4/5 workers: {} replicas, {} jobs in flight each", replicas.max(1), worker.concurrency);
+    println!(
+        "4/5 workers: {} replicas, {} jobs in flight each",
+        replicas.max(1),
+        worker.concurrency
+    );
 
     let status = super::status::wait_for_batch(&pool, &batch_id, true).await?;
     shutdown.cancel();

@@ -60,7 +60,11 @@ pub async fn enqueue_file(
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
     let reader = std::io::BufReader::with_capacity(1 << 20, file);
-    let bar = if show_progress { ProgressBar::new(size) } else { ProgressBar::hidden() };
+    let bar = if show_progress {
+        ProgressBar::new(size)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(
         ProgressStyle::with_template("{spinner} enqueue [{bar:40}] {bytes}/{total_bytes} {msg} ({eta})")
             .unwrap()
@@ -92,15 +96,39 @@ pub async fn enqueue_file(
                     });
                     continue;
                 }
-                chunk.push(Pending { line: n, custom_id: p.1, model: p.2, metadata: p.3, payload: p.0 });
+                chunk.push(Pending {
+                    line: n,
+                    custom_id: p.1,
+                    model: p.2,
+                    metadata: p.3,
+                    payload: p.0,
+                });
             }
         }
         if chunk.len() >= CHUNK {
-            flush(pool, amqp_url, &mut conn, &mut channel, batch_id, &mut chunk, &mut report).await?;
+            flush(
+                pool,
+                amqp_url,
+                &mut conn,
+                &mut channel,
+                batch_id,
+                &mut chunk,
+                &mut report,
+            )
+            .await?;
             bar.set_message(format!("{} published", report.published));
         }
     }
-    flush(pool, amqp_url, &mut conn, &mut channel, batch_id, &mut chunk, &mut report).await?;
+    flush(
+        pool,
+        amqp_url,
+        &mut conn,
+        &mut channel,
+        batch_id,
+        &mut chunk,
+        &mut report,
+    )
+    .await?;
     bar.finish_and_clear();
     if let Some(c) = conn {
         let _ = c.close(200, "done".into()).await;
@@ -125,7 +153,10 @@ fn prepare(line: &[u8], batch_id: &str, max: usize) -> Result<Prepared, String> 
     let job = Job::from_value(value.clone()).map_err(|e| e.reason)?;
     let payload = serde_json::to_vec(&value).map_err(|e| e.to_string())?;
     if payload.len() > max {
-        return Err(format!("message is {} bytes, larger than the maximum of {max}", payload.len()));
+        return Err(format!(
+            "message is {} bytes, larger than the maximum of {max}",
+            payload.len()
+        ));
     }
     Ok((payload, job.id.custom_id, job.model, job.metadata))
 }
@@ -179,7 +210,10 @@ async fn flush(
                 .basic_publish(
                     "".into(),
                     JOBS_QUEUE.into(),
-                    BasicPublishOptions { mandatory: true, ..Default::default() },
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
                     &p.payload,
                     amqp::job_properties(None),
                 )
@@ -190,7 +224,11 @@ async fn flush(
             }
         }
         for (p, c) in confirms {
-            match c.await.map_err(amqp::PublishError::from).and_then(|c| amqp::check_confirmation(c, JOBS_QUEUE)) {
+            match c
+                .await
+                .map_err(amqp::PublishError::from)
+                .and_then(|c| amqp::check_confirmation(c, JOBS_QUEUE))
+            {
                 Ok(()) => report.published += 1,
                 Err(amqp::PublishError::Unroutable(q)) => {
                     anyhow::bail!("no queue {q} on the broker: run `sheepdog migrate` first")

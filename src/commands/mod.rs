@@ -23,14 +23,18 @@ pub async fn migrate(database_url: &SecretString, amqp_url: &SecretString) -> an
     crate::store::migrate(&pool).await?;
     let conn = crate::amqp::connect(amqp_url, "sheepdog migrate").await?;
     let ch = conn.create_channel().await?;
-    crate::amqp::declare_topology(&ch).await.context("declaring the AMQP topology")?;
+    crate::amqp::declare_topology(&ch)
+        .await
+        .context("declaring the AMQP topology")?;
     let _ = conn.close(200, "done".into()).await;
     Ok(pool)
 }
 
 /// Checks that `migrate` has run against this database.
 pub async fn require_schema(pool: &PgPool) -> anyhow::Result<()> {
-    let ok: bool = sqlx::query_scalar("SELECT to_regclass('sheepdog.jobs') IS NOT NULL").fetch_one(pool).await?;
+    let ok: bool = sqlx::query_scalar("SELECT to_regclass('sheepdog.jobs') IS NOT NULL")
+        .fetch_one(pool)
+        .await?;
     anyhow::ensure!(ok, "the database has no sheepdog schema: run `sheepdog migrate` first");
     Ok(())
 }
@@ -43,11 +47,19 @@ pub async fn build_worker(
     args: &WorkerArgs,
     name: String,
 ) -> anyhow::Result<Arc<Worker>> {
-    let pool = crate::store::connect(database_url, (args.concurrency as u32 / 2).clamp(4, 64)).await?;
+    let pool = crate::store::connect(database_url, (args.concurrency as u32 / 8).clamp(4, 32)).await?;
     require_schema(&pool).await?;
     let prices = PriceTable::load(args.prices.as_deref())?;
     let client = Client::new(upstream, args.concurrency as usize)?;
-    Ok(Worker::new(pool, client, prices, args.clone(), amqp_url.clone(), name, Arc::new(Metrics::default())))
+    Ok(Worker::new(
+        pool,
+        client,
+        prices,
+        args.clone(),
+        amqp_url.clone(),
+        name,
+        Arc::new(Metrics::default()),
+    ))
 }
 
 /// A name for this replica: host and pid.

@@ -14,7 +14,11 @@ use crate::store::report::{self, BatchStatus};
 
 /// Waits until every job of the batch has ended, showing a progress bar.
 pub async fn wait_for_batch(pool: &PgPool, batch_id: &str, show_progress: bool) -> anyhow::Result<BatchStatus> {
-    let bar = if show_progress { ProgressBar::new(0) } else { ProgressBar::hidden() };
+    let bar = if show_progress {
+        ProgressBar::new(0)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(
         ProgressStyle::with_template("{spinner} {prefix} [{bar:40}] {pos}/{len} done {msg} ({eta})")
             .unwrap()
@@ -62,7 +66,11 @@ pub async fn render_status(pool: &PgPool, s: &BatchStatus) -> anyhow::Result<Str
     }
     let costs = report::batch_cost_by_model(pool, &s.batch_id).await?;
     if !costs.is_empty() {
-        writeln!(o, "\n  {:<20} {:>7} {:>12} {:>12} {:>16}", "model", "calls", "prompt", "completion", "cost (USD)")?;
+        writeln!(
+            o,
+            "\n  {:<20} {:>7} {:>12} {:>12} {:>16}",
+            "model", "calls", "prompt", "completion", "cost (USD)"
+        )?;
         for c in &costs {
             writeln!(
                 o,
@@ -106,7 +114,10 @@ pub async fn export(pool: &PgPool, batch_id: &str, out: &Path) -> anyhow::Result
 }
 
 fn export_line(batch_id: &str, r: &report::ExportRow) -> Value {
-    let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, format!("{batch_id}\0{}", r.custom_id).as_bytes());
+    let id = uuid::Uuid::new_v5(
+        &uuid::Uuid::NAMESPACE_OID,
+        format!("{batch_id}\0{}", r.custom_id).as_bytes(),
+    );
     let response = match (&r.response, r.status_code) {
         (Some(body), Some(code)) => json!({
             "status_code": code,

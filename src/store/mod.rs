@@ -30,7 +30,12 @@ pub fn redact_url(url: &str) -> String {
 pub async fn connect(url: &SecretString, max_connections: u32) -> anyhow::Result<PgPool> {
     let shown = redact_url(url.expose_secret());
     let opts = PgConnectOptions::from_str(url.expose_secret())
-        .map_err(|e| anyhow::anyhow!("DATABASE_URL {shown} is not a valid Postgres URL: {}", scrub(&e.to_string(), url)))?
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "DATABASE_URL {shown} is not a valid Postgres URL: {}",
+                scrub(&e.to_string(), url)
+            )
+        })?
         .log_statements(tracing::log::LevelFilter::Trace)
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(5));
     let pool_opts = || {
@@ -42,7 +47,10 @@ pub async fn connect(url: &SecretString, max_connections: u32) -> anyhow::Result
         Ok(pool) => Ok(pool),
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000") => {
             create_database(&opts, &shown).await?;
-            pool_opts().connect_with(opts).await.map_err(|e| unreachable_db(&shown, &e, url))
+            pool_opts()
+                .connect_with(opts)
+                .await
+                .map_err(|e| unreachable_db(&shown, &e, url))
         }
         Err(e) => Err(unreachable_db(&shown, &e, url)),
     }
@@ -51,9 +59,9 @@ pub async fn connect(url: &SecretString, max_connections: u32) -> anyhow::Result
 async fn create_database(opts: &PgConnectOptions, shown: &str) -> anyhow::Result<()> {
     let name = opts.get_database().unwrap_or("sheepdog").to_string();
     let admin = opts.clone().database("postgres");
-    let mut conn = sqlx::PgConnection::connect_with(&admin)
-        .await
-        .with_context(|| format!("database in {shown} is missing and the server's `postgres` database cannot be reached to create it"))?;
+    let mut conn = sqlx::PgConnection::connect_with(&admin).await.with_context(|| {
+        format!("database in {shown} is missing and the server's `postgres` database cannot be reached to create it")
+    })?;
     let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
     match sqlx::query(&sql).execute(&mut conn).await {
         Ok(_) => {
@@ -88,6 +96,9 @@ pub fn scrub(message: &str, url: &SecretString) -> String {
 /// Applies the embedded migrations. sqlx holds an advisory lock meanwhile, so
 /// several replicas may run this at once.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    sqlx::migrate!("./migrations").run(pool).await.context("applying migrations")?;
+    sqlx::migrate!("./migrations")
+        .run(pool)
+        .await
+        .context("applying migrations")?;
     Ok(())
 }

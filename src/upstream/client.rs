@@ -107,7 +107,12 @@ impl Client {
         // A 2xx without usage was probably billed; we cannot tell what it cost.
         let maybe_billed = (200..300).contains(&status) && usage.is_none();
         Attempt {
-            response: Some(Response { status, body, request_id, usage }),
+            response: Some(Response {
+                status,
+                body,
+                request_id,
+                usage,
+            }),
             verdict,
             latency,
             maybe_billed,
@@ -145,7 +150,10 @@ fn network_failure(e: reqwest::Error, started: Instant) -> Attempt {
     };
     Attempt {
         response: None,
-        verdict: Verdict::Transient { reason, retry_after: None },
+        verdict: Verdict::Transient {
+            reason,
+            retry_after: None,
+        },
         latency: started.elapsed(),
         maybe_billed,
     }

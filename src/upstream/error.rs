@@ -19,7 +19,10 @@ pub enum Verdict {
     /// The request is wrong; retrying cannot help.
     Permanent { reason: String },
     /// The upstream or the network failed; retry later, not before `retry_after`.
-    Transient { reason: String, retry_after: Option<Duration> },
+    Transient {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
     /// The account cannot be used (key refused, balance gone): fail no job, pause everything.
     Paused { reason: String },
 }
@@ -56,8 +59,11 @@ pub fn classify(status: u16, headers: &HeaderMap, body: &Value) -> Verdict {
                 }
             }
         }
-        401 | 402 | 403 => Verdict::Paused { reason },
-        408 | 409 | 425 | 429 | 500..=599 => Verdict::Transient { reason, retry_after: retry_after(headers, body) },
+        401..=403 => Verdict::Paused { reason },
+        408 | 409 | 425 | 429 | 500..=599 => Verdict::Transient {
+            reason,
+            retry_after: retry_after(headers, body),
+        },
         _ => Verdict::Permanent { reason },
     }
 }

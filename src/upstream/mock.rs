@@ -185,7 +185,11 @@ async fn get_calls(State(s): State<MockState>) -> Json<Vec<CallRecord>> {
 }
 
 fn now_ms() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64() * 1000.0
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+        * 1000.0
 }
 
 /// Decrements the in-flight count however the handler ends (a client that
@@ -241,7 +245,11 @@ async fn chat(State(state): State<MockState>, headers: HeaderMap, body: axum::bo
     let forced: Option<(StatusCode, &str)> = match trigger.as_str() {
         "" => None,
         "hang" => Some((StatusCode::GATEWAY_TIMEOUT, "hang")),
-        t => t.parse::<u16>().ok().and_then(|c| StatusCode::from_u16(c).ok()).map(|s| (s, "trigger")),
+        t => t
+            .parse::<u16>()
+            .ok()
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .map(|s| (s, "trigger")),
     };
     let key_ok = match &config.api_key {
         None => true,
@@ -266,9 +274,7 @@ async fn chat(State(state): State<MockState>, headers: HeaderMap, body: axum::bo
             "no_balance" => Some(StatusCode::PAYMENT_REQUIRED),
             "overloaded" => Some(StatusCode::TOO_MANY_REQUESTS),
             _ if config.rate_429 > 0.0 && rng_roll() < config.rate_429 => Some(StatusCode::TOO_MANY_REQUESTS),
-            _ if config.error_rate > 0.0 && rng_roll() < config.error_rate => {
-                Some(StatusCode::INTERNAL_SERVER_ERROR)
-            }
+            _ if config.error_rate > 0.0 && rng_roll() < config.error_rate => Some(StatusCode::INTERNAL_SERVER_ERROR),
             _ => Some(StatusCode::OK),
         }
     };
@@ -306,12 +312,18 @@ async fn chat(State(state): State<MockState>, headers: HeaderMap, body: axum::bo
     };
     let mut resp_headers = HeaderMap::new();
     resp_headers.insert("x-request-id", HeaderValue::from_str(&request_id).unwrap());
-    resp_headers.insert("openai-processing-ms", HeaderValue::from(started.elapsed().as_millis() as u64));
+    resp_headers.insert(
+        "openai-processing-ms",
+        HeaderValue::from(started.elapsed().as_millis() as u64),
+    );
 
     let (status, body) = match (status, &parsed) {
         (StatusCode::OK, Err(msg)) => {
             record.status = 400;
-            (StatusCode::BAD_REQUEST, error_body(StatusCode::BAD_REQUEST, msg, "invalid_request_error", None))
+            (
+                StatusCode::BAD_REQUEST,
+                error_body(StatusCode::BAD_REQUEST, msg, "invalid_request_error", None),
+            )
         }
         (StatusCode::OK, Ok(req)) => match completion(req, &model, &config) {
             Ok((body, usage)) => {
@@ -322,7 +334,10 @@ async fn chat(State(state): State<MockState>, headers: HeaderMap, body: axum::bo
             }
             Err(msg) => {
                 record.status = 400;
-                (StatusCode::BAD_REQUEST, error_body(StatusCode::BAD_REQUEST, &msg, "invalid_request_error", None))
+                (
+                    StatusCode::BAD_REQUEST,
+                    error_body(StatusCode::BAD_REQUEST, &msg, "invalid_request_error", None),
+                )
             }
         },
         (StatusCode::TOO_MANY_REQUESTS, _) => {
@@ -340,27 +355,57 @@ async fn chat(State(state): State<MockState>, headers: HeaderMap, body: axum::bo
         }
         (StatusCode::UNAUTHORIZED, _) => (
             status,
-            error_body(status, "Incorrect API key provided.", "invalid_request_error", Some("invalid_api_key")),
+            error_body(
+                status,
+                "Incorrect API key provided.",
+                "invalid_request_error",
+                Some("invalid_api_key"),
+            ),
         ),
         (StatusCode::PAYMENT_REQUIRED, _) => (
             status,
-            error_body(status, "Your account balance is insufficient.", "insufficient_quota", Some("insufficient_quota")),
+            error_body(
+                status,
+                "Your account balance is insufficient.",
+                "insufficient_quota",
+                Some("insufficient_quota"),
+            ),
         ),
         (StatusCode::FORBIDDEN, _) => (
             status,
-            error_body(status, "You are not allowed to use this model.", "permission_error", None),
+            error_body(
+                status,
+                "You are not allowed to use this model.",
+                "permission_error",
+                None,
+            ),
         ),
         (StatusCode::NOT_FOUND, _) => (
             status,
-            error_body(status, &format!("The model `{model}` does not exist."), "invalid_request_error", Some("model_not_found")),
+            error_body(
+                status,
+                &format!("The model `{model}` does not exist."),
+                "invalid_request_error",
+                Some("model_not_found"),
+            ),
         ),
         (s, _) if s.is_client_error() => (
             s,
-            error_body(s, "Invalid request (forced by the mock).", "invalid_request_error", None),
+            error_body(
+                s,
+                "Invalid request (forced by the mock).",
+                "invalid_request_error",
+                None,
+            ),
         ),
         (s, _) => (
             s,
-            error_body(s, "The server had an error while processing your request.", "server_error", None),
+            error_body(
+                s,
+                "The server had an error while processing your request.",
+                "server_error",
+                None,
+            ),
         ),
     };
     state.inner.lock().unwrap().calls.push(record);
@@ -405,7 +450,10 @@ fn completion(req: &Map<String, Value>, model: &str, config: &MockConfig) -> Res
     let cached = prompt * config.cached_percent.min(100) / 100;
     let natural = completion_tokens_for(prompt, None);
     let content = vec!["mock"; completion as usize].join(" ");
-    let created = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
     let body = json!({
         "id": format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         "object": "chat.completion",
