@@ -30,7 +30,8 @@ use crate::config::WorkerArgs;
 use crate::job::{Job, JobId};
 use crate::metrics::Metrics;
 use crate::prices::{PriceTable, Usage};
-use crate::store::jobs::{self as store, Begin, JobEnd, Reservation, Settlement};
+use crate::store::batcher::Batcher;
+use crate::store::jobs::{self as store, AttemptRequest, Begin, JobEnd, Reservation, Settlement};
 use crate::upstream::{Attempt, Client, Verdict};
 
 /// Everything a replica's tasks share.
@@ -47,6 +48,9 @@ pub struct Worker {
     /// Fault injection for the crash tests (`SHEEPDOG_FAULT=exit-after-commit`:
     /// the process exits right after its first result commits, before the ack).
     fault: Option<String>,
+    /// Claims and settlements of concurrent jobs, written many per statement.
+    claims: Batcher<AttemptRequest, Begin>,
+    settles: Batcher<Settlement, ()>,
 }
 
 /// How a delivery ends.
@@ -65,6 +69,17 @@ impl Worker {
         metrics: Arc<Metrics>,
     ) -> Arc<Worker> {
         let fault = std::env::var("SHEEPDOG_FAULT").ok().filter(|f| !f.is_empty());
+        let parallel = (pool.options().get_max_connections() as usize / 3).max(2);
+        let p = pool.clone();
+        let claims = Batcher::new(128, parallel, move |reqs| {
+            let p = p.clone();
+            async move { store::begin_attempts(&p, reqs).await }
+        });
+        let p = pool.clone();
+        let settles = Batcher::new(128, parallel, move |items| {
+            let p = p.clone();
+            async move { store::settle_many(&p, items).await }
+        });
         Arc::new(Worker {
             pool,
             client,
@@ -75,6 +90,8 @@ impl Worker {
             metrics,
             in_hand: Mutex::new(HashMap::new()),
             fault,
+            claims,
+            settles,
         })
     }
 
@@ -272,16 +289,17 @@ impl Worker {
             .map(tokio_retry::strategy::jitter)
             .take(2);
         loop {
-            let (call_id, attempt) = match store::begin_attempt(
-                &self.pool,
-                &job.id,
-                &job.model,
-                job.metadata.as_ref(),
-                token,
-                self.args.lease_seconds,
-                reservation,
-            )
-            .await?
+            let (call_id, attempt) = match self
+                .claims
+                .call(AttemptRequest {
+                    id: job.id.clone(),
+                    model: job.model.clone(),
+                    metadata: job.metadata.clone(),
+                    token,
+                    lease_seconds: self.args.lease_seconds,
+                    reservation: reservation.clone(),
+                })
+                .await?
             {
                 Begin::Started { call_id, attempt } => (call_id, attempt),
                 Begin::Finished => {
@@ -299,7 +317,7 @@ impl Worker {
             };
 
             let a = self.client.call(body).await;
-            let settlement = settlement_for(&a, call_id, price, reservation);
+            let settlement = settlement_for(&job.id, &a, call_id, price, reservation);
             let (outcome, prompt, completion, cost) = (
                 settlement.outcome,
                 settlement.prompt_tokens.unwrap_or(0) as u64,
@@ -321,7 +339,7 @@ impl Worker {
                         end: JobEnd::Succeeded,
                         ..settlement
                     };
-                    store::settle(&self.pool, &job.id, &s).await?;
+                    self.settles.call(s).await?;
                     if self.fault.as_deref() == Some("exit-after-commit") {
                         tracing::warn!(job = %job.id, "SHEEPDOG_FAULT: exiting after the commit, before the ack");
                         std::process::exit(137);
@@ -336,7 +354,7 @@ impl Worker {
                         job_error: Some(json!({"code": "upstream_rejected", "message": reason})),
                         ..settlement
                     };
-                    store::settle(&self.pool, &job.id, &s).await?;
+                    self.settles.call(s).await?;
                     self.metrics.jobs_failed.fetch_add(1, Ordering::Relaxed);
                     log_done("failed");
                     return Ok(Settle::Ack);
@@ -349,21 +367,18 @@ impl Worker {
                             job_error: Some(json!({"code": "attempts_exhausted", "message": why})),
                             ..settlement
                         };
-                        store::settle(&self.pool, &job.id, &s).await?;
+                        self.settles.call(s).await?;
                         self.dead_letter(publish_ch, delivery, &why).await?;
                         self.metrics.jobs_failed.fetch_add(1, Ordering::Relaxed);
                         log_done("failed");
                         return Ok(Settle::Ack);
                     }
-                    store::settle(
-                        &self.pool,
-                        &job.id,
-                        &Settlement {
+                    self.settles
+                        .call(Settlement {
                             end: JobEnd::Continue,
                             ..settlement
-                        },
-                    )
-                    .await?;
+                        })
+                        .await?;
                     let short_wait = retry_after.is_none_or(|d| d <= Duration::from_secs(1));
                     match quick.next() {
                         Some(d) if short_wait => {
@@ -382,15 +397,12 @@ impl Worker {
                 }
                 Verdict::Paused { reason } => {
                     // The key or the balance: no job fails. Hand the job back and wait.
-                    store::settle(
-                        &self.pool,
-                        &job.id,
-                        &Settlement {
+                    self.settles
+                        .call(Settlement {
                             end: JobEnd::Continue,
                             ..settlement
-                        },
-                    )
-                    .await?;
+                        })
+                        .await?;
                     tracing::error!(%reason, "the upstream refused the account; handing the job back");
                     store::release(&self.pool, &job.id, token).await?;
                     self.requeue_later(publish_ch, delivery, Duration::from_secs(30), false)
@@ -438,7 +450,7 @@ fn backoff_for(attempt: u32) -> Duration {
 }
 
 /// The ledger entry an attempt makes.
-fn settlement_for(a: &Attempt, call_id: i64, price: &crate::prices::Price, r: &Reservation) -> Settlement {
+fn settlement_for(id: &JobId, a: &Attempt, call_id: i64, price: &crate::prices::Price, r: &Reservation) -> Settlement {
     let resp = a.response.as_ref();
     let usage: Option<Usage> = resp.and_then(|r| r.usage);
     let (outcome, cost) = match (&a.verdict, usage) {
@@ -453,6 +465,7 @@ fn settlement_for(a: &Attempt, call_id: i64, price: &crate::prices::Price, r: &R
         v => Some(v.reason().to_string()),
     };
     Settlement {
+        id: id.clone(),
         call_id,
         outcome,
         status_code,

@@ -7,7 +7,10 @@ use sqlx::types::Json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use std::collections::HashMap;
+
 use crate::job::JobId;
+use crate::store::batcher::Keyed;
 
 /// What `begin_attempt` found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,24 +32,68 @@ pub struct Reservation {
     pub budget_period: Option<String>,
 }
 
-/// Claims the job (or keeps our claim) and writes the attempt's `pending` ledger
-/// row, in one statement. A previous claimant's `pending` rows, left by a worker
-/// that died after its lease ran out, become `unknown`, charged at their reservation.
-pub async fn begin_attempt(
-    pool: &PgPool,
-    id: &JobId,
-    model: &str,
-    metadata: Option<&Value>,
-    token: Uuid,
-    lease_seconds: f64,
-    reservation: &Reservation,
-) -> sqlx::Result<Begin> {
-    let row: Option<(i64, i32)> = sqlx::query_as(
+/// A request to start an attempt: claim the job (or keep our claim) and write
+/// the attempt's `pending` ledger row.
+#[derive(Debug, Clone)]
+pub struct AttemptRequest {
+    pub id: JobId,
+    pub model: String,
+    pub metadata: Option<Value>,
+    /// Identifies this delivery's claim; the same token keeps the claim across retries.
+    pub token: Uuid,
+    pub lease_seconds: f64,
+    pub reservation: Reservation,
+}
+
+impl Keyed for AttemptRequest {
+    fn key(&self) -> &JobId {
+        &self.id
+    }
+}
+
+/// A claim's outcome: the call row's id and attempt when claimed, else the job's status.
+type ClaimRow = (Option<i64>, Option<i32>, Option<String>);
+#[allow(clippy::type_complexity)]
+type ClaimRows = Vec<(Uuid, Option<i64>, Option<i32>, Option<String>)>;
+
+/// Starts attempts for many jobs in one statement (one transaction). A previous
+/// claimant's `pending` rows, left by a worker that died and whose lease ran
+/// out, become `unknown`, charged at their reservation, and count in the job's
+/// cost. Job identities must be distinct.
+pub async fn begin_attempts(pool: &PgPool, reqs: Vec<AttemptRequest>) -> sqlx::Result<Vec<Begin>> {
+    let n = reqs.len();
+    let mut batch_ids = Vec::with_capacity(n);
+    let mut custom_ids = Vec::with_capacity(n);
+    let mut models = Vec::with_capacity(n);
+    let mut metadata = Vec::with_capacity(n);
+    let mut tokens = Vec::with_capacity(n);
+    let mut leases = Vec::with_capacity(n);
+    let mut r_tokens = Vec::with_capacity(n);
+    let mut r_costs = Vec::with_capacity(n);
+    let mut periods = Vec::with_capacity(n);
+    for r in &reqs {
+        batch_ids.push(r.id.batch_id.as_str());
+        custom_ids.push(r.id.custom_id.as_str());
+        models.push(r.model.as_str());
+        metadata.push(r.metadata.as_ref().map(Json));
+        tokens.push(r.token);
+        leases.push(r.lease_seconds);
+        r_tokens.push(r.reservation.tokens);
+        r_costs.push(r.reservation.cost_usd);
+        periods.push(r.reservation.budget_period.as_deref());
+    }
+    let rows: ClaimRows = sqlx::query_as(
         r#"
-        WITH claim AS (
+        WITH input AS (
+            SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::uuid[],
+                                 $6::float8[], $7::bigint[], $8::numeric[], $9::text[])
+                AS t(batch_id, custom_id, model, metadata, token, lease, reserved_tokens, reserved_cost, period)
+        ), claim AS (
             INSERT INTO sheepdog.jobs AS j
                 (batch_id, custom_id, status, model, metadata, attempts, claim_token, lease_until, started_at)
-            VALUES ($1, $2, 'running', $3, $4, 1, $5, now() + make_interval(secs => $6), now())
+            SELECT batch_id, custom_id, 'running', model, metadata, 1, token,
+                   now() + make_interval(secs => lease), now()
+              FROM input
             ON CONFLICT (batch_id, custom_id) DO UPDATE
                SET status = 'running',
                    model = EXCLUDED.model,
@@ -57,51 +104,60 @@ pub async fn begin_attempt(
                    started_at = coalesce(j.started_at, now()),
                    cost_usd = j.cost_usd + coalesce((
                        SELECT sum(c.reserved_cost_usd) FROM sheepdog.calls c
-                       WHERE c.batch_id = $1 AND c.custom_id = $2
-                         AND c.outcome = 'pending' AND c.claim_token <> $5), 0)
+                        WHERE c.batch_id = EXCLUDED.batch_id AND c.custom_id = EXCLUDED.custom_id
+                          AND c.outcome = 'pending' AND c.claim_token <> EXCLUDED.claim_token), 0)
              WHERE j.status = 'queued'
-                OR (j.status = 'running' AND (j.claim_token = $5 OR j.lease_until < now()))
-            RETURNING j.attempts
+                OR (j.status = 'running' AND (j.claim_token = EXCLUDED.claim_token OR j.lease_until < now()))
+            RETURNING j.batch_id, j.custom_id, j.attempts, j.claim_token
         ), stale AS (
             UPDATE sheepdog.calls c
                SET outcome = 'unknown', cost_usd = c.reserved_cost_usd, finished_at = now(),
                    error = 'its worker stopped before recording the answer; charged at its reservation'
-             WHERE c.batch_id = $1 AND c.custom_id = $2 AND c.outcome = 'pending' AND c.claim_token <> $5
-               AND EXISTS (SELECT 1 FROM claim)
+              FROM claim
+             WHERE c.batch_id = claim.batch_id AND c.custom_id = claim.custom_id
+               AND c.outcome = 'pending' AND c.claim_token <> claim.claim_token
             RETURNING c.id
         ), call AS (
             INSERT INTO sheepdog.calls
                 (batch_id, custom_id, attempt, model, claim_token, outcome, reserved_tokens, reserved_cost_usd, budget_period)
-            SELECT $1, $2, claim.attempts, $3, $5, 'pending', $7, $8, $9 FROM claim
-            RETURNING id, attempt
+            SELECT claim.batch_id, claim.custom_id, claim.attempts, i.model, claim.claim_token, 'pending',
+                   i.reserved_tokens, i.reserved_cost, i.period
+              FROM claim JOIN input i ON i.token = claim.claim_token
+            RETURNING id, attempt, claim_token
         )
-        SELECT id, attempt FROM call, (SELECT count(*) FROM stale) s
+        SELECT i.token, call.id, call.attempt, j.status
+          FROM input i
+          LEFT JOIN call ON call.claim_token = i.token
+          LEFT JOIN sheepdog.jobs j ON j.batch_id = i.batch_id AND j.custom_id = i.custom_id
         "#,
     )
-    .bind(&id.batch_id)
-    .bind(&id.custom_id)
-    .bind(model)
-    .bind(metadata.map(Json))
-    .bind(token)
-    .bind(lease_seconds)
-    .bind(reservation.tokens)
-    .bind(reservation.cost_usd)
-    .bind(reservation.budget_period.as_deref())
-    .fetch_optional(pool)
+    .bind(&batch_ids)
+    .bind(&custom_ids)
+    .bind(&models)
+    .bind(&metadata)
+    .bind(&tokens)
+    .bind(&leases)
+    .bind(&r_tokens)
+    .bind(&r_costs)
+    .bind(&periods)
+    .fetch_all(pool)
     .await?;
-    if let Some((call_id, attempt)) = row {
-        return Ok(Begin::Started { call_id, attempt });
-    }
-    let status: Option<String> =
-        sqlx::query_scalar("SELECT status FROM sheepdog.jobs WHERE batch_id = $1 AND custom_id = $2")
-            .bind(&id.batch_id)
-            .bind(&id.custom_id)
-            .fetch_optional(pool)
-            .await?;
-    Ok(match status.as_deref() {
-        Some("succeeded") | Some("failed") => Begin::Finished,
-        _ => Begin::Busy,
-    })
+    let by_token: HashMap<Uuid, ClaimRow> = rows
+        .into_iter()
+        .map(|(t, id, attempt, status)| (t, (id, attempt, status)))
+        .collect();
+    Ok(reqs
+        .iter()
+        .map(|r| match by_token.get(&r.token) {
+            Some((Some(call_id), Some(attempt), _)) => Begin::Started {
+                call_id: *call_id,
+                attempt: *attempt,
+            },
+            // Not claimed: the status it had (from the statement's snapshot) says why.
+            Some((_, _, Some(s))) if s == "succeeded" || s == "failed" => Begin::Finished,
+            _ => Begin::Busy,
+        })
+        .collect())
 }
 
 /// The end state a settled call gives its job.
@@ -113,9 +169,20 @@ pub enum JobEnd {
     Continue,
 }
 
+impl JobEnd {
+    fn status(self) -> Option<&'static str> {
+        match self {
+            JobEnd::Succeeded => Some("succeeded"),
+            JobEnd::Failed => Some("failed"),
+            JobEnd::Continue => None,
+        }
+    }
+}
+
 /// How one call ended, for the ledger and the job.
 #[derive(Debug, Clone)]
 pub struct Settlement {
+    pub id: JobId,
     pub call_id: i64,
     /// `ok`, `error` or `unknown`.
     pub outcome: &'static str,
@@ -134,65 +201,106 @@ pub struct Settlement {
     pub job_error: Option<Value>,
 }
 
-/// Writes a call's ledger row and its job's totals and result in one statement
-/// (one transaction). Returns false when the job had already ended, so this
-/// call added only its cost.
-pub async fn settle(pool: &PgPool, id: &JobId, s: &Settlement) -> sqlx::Result<bool> {
-    let end = match s.end {
-        JobEnd::Succeeded => Some("succeeded"),
-        JobEnd::Failed => Some("failed"),
-        JobEnd::Continue => None,
-    };
-    let row: Option<(bool,)> = sqlx::query_as(
+impl Keyed for Settlement {
+    fn key(&self) -> &JobId {
+        &self.id
+    }
+}
+
+/// Writes calls' ledger rows and their jobs' totals and results in one
+/// statement (one transaction). A call that is no longer `pending` (another
+/// worker already charged it as `unknown`) adds nothing twice; a job that
+/// already ended keeps its result and only gains the call's cost. Job
+/// identities must be distinct.
+pub async fn settle_many(pool: &PgPool, items: Vec<Settlement>) -> sqlx::Result<Vec<()>> {
+    let n = items.len();
+    let mut call_ids = Vec::with_capacity(n);
+    let mut batch_ids = Vec::with_capacity(n);
+    let mut custom_ids = Vec::with_capacity(n);
+    let mut outcomes = Vec::with_capacity(n);
+    let mut codes = Vec::with_capacity(n);
+    let mut prompts = Vec::with_capacity(n);
+    let mut completions = Vec::with_capacity(n);
+    let mut cached = Vec::with_capacity(n);
+    let mut costs = Vec::with_capacity(n);
+    let mut errors = Vec::with_capacity(n);
+    let mut request_ids = Vec::with_capacity(n);
+    let mut ends = Vec::with_capacity(n);
+    let mut latencies = Vec::with_capacity(n);
+    let mut responses = Vec::with_capacity(n);
+    let mut job_errors = Vec::with_capacity(n);
+    for s in &items {
+        call_ids.push(s.call_id);
+        batch_ids.push(s.id.batch_id.as_str());
+        custom_ids.push(s.id.custom_id.as_str());
+        outcomes.push(s.outcome);
+        codes.push(s.status_code);
+        prompts.push(s.prompt_tokens);
+        completions.push(s.completion_tokens);
+        cached.push(s.cached_tokens);
+        costs.push(s.cost_usd);
+        errors.push(s.error.as_deref());
+        request_ids.push(s.upstream_request_id.as_deref());
+        ends.push(s.end.status());
+        latencies.push(s.latency_ms);
+        responses.push(s.response.as_ref().map(Json));
+        job_errors.push(s.job_error.as_ref().map(Json));
+    }
+    sqlx::query(
         r#"
-        WITH call AS (
-            UPDATE sheepdog.calls
-               SET outcome = $4, status_code = $5, prompt_tokens = $6, completion_tokens = $7,
-                   cached_tokens = $8, cost_usd = $9, error = $10, upstream_request_id = $11,
+        WITH s AS (
+            SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::int[], $6::bigint[],
+                                 $7::bigint[], $8::bigint[], $9::numeric[], $10::text[], $11::text[], $12::text[],
+                                 $13::int[], $14::jsonb[], $15::jsonb[])
+                AS t(call_id, batch_id, custom_id, outcome, status_code, prompt_tokens, completion_tokens,
+                     cached_tokens, cost_usd, error, request_id, job_end, latency_ms, response, job_error)
+        ), call AS (
+            UPDATE sheepdog.calls c
+               SET outcome = s.outcome, status_code = s.status_code, prompt_tokens = s.prompt_tokens,
+                   completion_tokens = s.completion_tokens, cached_tokens = s.cached_tokens,
+                   cost_usd = s.cost_usd, error = s.error, upstream_request_id = s.request_id,
                    finished_at = now()
-             WHERE id = $3 AND outcome = 'pending'
-            RETURNING id
-        ), settled AS (SELECT count(*) > 0 AS fresh FROM call),
-        prev AS (
-            SELECT status IN ('succeeded', 'failed') AS ended FROM sheepdog.jobs
-             WHERE batch_id = $1 AND custom_id = $2
+              FROM s
+             WHERE c.id = s.call_id AND c.outcome = 'pending'
+            RETURNING c.id
+        ), u AS (
+            SELECT s.*, call.id IS NOT NULL AS fresh FROM s LEFT JOIN call ON call.id = s.call_id
         )
         UPDATE sheepdog.jobs j SET
-            prompt_tokens = j.prompt_tokens + CASE WHEN s.fresh THEN coalesce($6, 0) ELSE 0 END,
-            completion_tokens = j.completion_tokens + CASE WHEN s.fresh THEN coalesce($7, 0) ELSE 0 END,
-            cost_usd = j.cost_usd + CASE WHEN s.fresh THEN $9 ELSE 0 END,
-            status = CASE WHEN p.ended OR $12::text IS NULL THEN j.status ELSE $12::text END,
-            latency_ms = CASE WHEN p.ended OR $12::text IS NULL THEN j.latency_ms ELSE $13 END,
-            status_code = CASE WHEN p.ended OR $12::text IS NULL THEN j.status_code ELSE $5 END,
-            upstream_request_id = CASE WHEN p.ended OR $12::text IS NULL THEN j.upstream_request_id ELSE $11 END,
-            response = CASE WHEN p.ended OR $12::text IS NULL THEN j.response ELSE $14 END,
-            error = CASE WHEN p.ended OR $12::text IS NULL THEN j.error ELSE $15 END,
-            finished_at = CASE WHEN p.ended OR $12::text IS NULL THEN j.finished_at ELSE now() END,
-            claim_token = CASE WHEN p.ended OR $12::text IS NULL THEN j.claim_token ELSE NULL END,
-            lease_until = CASE WHEN p.ended OR $12::text IS NULL THEN j.lease_until ELSE NULL END
-        FROM settled s, prev p
-        WHERE j.batch_id = $1 AND j.custom_id = $2
-        RETURNING NOT p.ended
+            prompt_tokens = j.prompt_tokens + CASE WHEN u.fresh THEN coalesce(u.prompt_tokens, 0) ELSE 0 END,
+            completion_tokens = j.completion_tokens + CASE WHEN u.fresh THEN coalesce(u.completion_tokens, 0) ELSE 0 END,
+            cost_usd = j.cost_usd + CASE WHEN u.fresh THEN u.cost_usd ELSE 0 END,
+            status = CASE WHEN j.status IN ('succeeded', 'failed') OR u.job_end IS NULL THEN j.status ELSE u.job_end END,
+            latency_ms = CASE WHEN j.status IN ('succeeded', 'failed') OR u.job_end IS NULL THEN j.latency_ms ELSE u.latency_ms END,
+            status_code = CASE WHEN j.status IN ('succeeded', 'failed') OR u.job_end IS NULL THEN j.status_code ELSE u.status_code END,
+            upstream_request_id = CASE WHEN j.status IN ('succeeded', 'failed') OR u.job_end IS NULL THEN j.upstream_request_id ELSE u.request_id END,
+            response = CASE WHEN j.status IN ('succeeded', 'failed') OR u.job_end IS NULL THEN j.response ELSE u.response END,
+            error = CASE WHEN j.status IN ('succeeded', 'failed') OR u.job_end IS NULL THEN j.error ELSE u.job_error END,
+            finished_at = CASE WHEN j.status IN ('succeeded', 'failed') OR u.job_end IS NULL THEN j.finished_at ELSE now() END,
+            claim_token = CASE WHEN j.status IN ('succeeded', 'failed') OR u.job_end IS NULL THEN j.claim_token ELSE NULL END,
+            lease_until = CASE WHEN j.status IN ('succeeded', 'failed') OR u.job_end IS NULL THEN j.lease_until ELSE NULL END
+          FROM u
+         WHERE j.batch_id = u.batch_id AND j.custom_id = u.custom_id
         "#,
     )
-    .bind(&id.batch_id)
-    .bind(&id.custom_id)
-    .bind(s.call_id)
-    .bind(s.outcome)
-    .bind(s.status_code)
-    .bind(s.prompt_tokens)
-    .bind(s.completion_tokens)
-    .bind(s.cached_tokens)
-    .bind(s.cost_usd)
-    .bind(s.error.as_deref())
-    .bind(s.upstream_request_id.as_deref())
-    .bind(end)
-    .bind(s.latency_ms)
-    .bind(s.response.as_ref().map(Json))
-    .bind(s.job_error.as_ref().map(Json))
-    .fetch_optional(pool)
+    .bind(&call_ids)
+    .bind(&batch_ids)
+    .bind(&custom_ids)
+    .bind(&outcomes)
+    .bind(&codes)
+    .bind(&prompts)
+    .bind(&completions)
+    .bind(&cached)
+    .bind(&costs)
+    .bind(&errors)
+    .bind(&request_ids)
+    .bind(&ends)
+    .bind(&latencies)
+    .bind(&responses)
+    .bind(&job_errors)
+    .execute(pool)
     .await?;
-    Ok(row.map(|r| r.0).unwrap_or(false))
+    Ok(vec![(); n])
 }
 
 /// Hands the job back (its message goes back to the queue): the claim ends
