@@ -90,6 +90,10 @@ pub struct WorkerArgs {
     /// broker's consumer timeout.
     #[arg(long = "lease", env = "SHEEPDOG_LEASE_SECONDS", default_value_t = 300.0)]
     pub lease_seconds: f64,
+    /// Longest a job waits in-process for the global limits before it goes back
+    /// through a retry queue (so no delivery nears the broker's consumer timeout).
+    #[arg(long = "max-wait", env = "SHEEPDOG_MAX_WAIT_SECONDS", default_value_t = 300.0)]
+    pub max_wait_seconds: f64,
     /// Seconds given to jobs in hand after SIGTERM before the worker exits anyway.
     #[arg(long = "grace", env = "SHEEPDOG_SHUTDOWN_GRACE_SECONDS", default_value_t = 60.0)]
     pub grace_seconds: f64,
@@ -121,4 +125,15 @@ pub struct LimitArgs {
     /// Budget period: day, month or total (UTC).
     #[arg(long = "budget-period", env = "SHEEPDOG_BUDGET_PERIOD")]
     pub budget_period: Option<String>,
+}
+
+impl LimitArgs {
+    /// Whether any limit was given.
+    pub fn any(&self) -> bool {
+        self.rpm.is_some()
+            || self.tpm.is_some()
+            || self.burst_seconds.is_some()
+            || self.budget_usd.is_some()
+            || self.budget_period.is_some()
+    }
 }

@@ -5,6 +5,7 @@ pub mod amqp;
 pub mod commands;
 pub mod config;
 pub mod job;
+pub mod limits;
 pub mod metrics;
 pub mod prices;
 pub mod store;

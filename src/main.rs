@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use sheepdog::commands::{self, bench::BenchArgs};
-use sheepdog::config::{AmqpArgs, DbArgs, UpstreamArgs, WorkerArgs};
+use sheepdog::config::{AmqpArgs, DbArgs, LimitArgs, UpstreamArgs, WorkerArgs};
 use sheepdog::upstream::mock::{MockConfig, MockServer};
 use tokio_util::sync::CancellationToken;
 
@@ -18,6 +18,22 @@ use tokio_util::sync::CancellationToken;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Subcommand)]
+enum LimitsAction {
+    /// Change limits; 0 means unlimited, an omitted flag keeps its value.
+    Set {
+        #[command(flatten)]
+        limits: LimitArgs,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Current limits and their use.
+    Show {
+        #[command(flatten)]
+        db: DbArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -39,6 +55,13 @@ enum Command {
         upstream: UpstreamArgs,
         #[command(flatten)]
         worker: WorkerArgs,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Show or change the global limits shared by every replica (no restart needed).
+    Limits {
+        #[command(subcommand)]
+        action: LimitsAction,
     },
     /// Publish an OpenAI Batch input file (JSONL) as jobs.
     Enqueue {
@@ -201,6 +224,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             amqp,
             upstream,
             worker,
+            limits,
         } => {
             let shutdown = shutdown_on_signals();
             let w = commands::build_worker(
@@ -211,6 +235,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 commands::replica_name(),
             )
             .await?;
+            if limits.any() {
+                sheepdog::limits::apply(&w.pool, &limits).await?;
+                tracing::info!(?limits, "global limits set from this replica's settings");
+            }
             if worker.metrics_addr != "off" {
                 match sheepdog::metrics::serve(&worker.metrics_addr, w.metrics.clone()).await {
                     Ok(_) => tracing::info!(addr = %worker.metrics_addr, "serving /healthz, /readyz, /metrics"),
@@ -221,6 +249,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             w.run(shutdown).await?;
             tracing::info!("worker stopped");
         }
+        Command::Limits { action } => match action {
+            LimitsAction::Set { limits, db } => {
+                let pool = sheepdog::store::connect(&db.database_url, 2).await?;
+                commands::require_schema(&pool).await?;
+                sheepdog::limits::apply(&pool, &limits).await?;
+                print!("{}", commands::status::render_limits(&pool).await?);
+            }
+            LimitsAction::Show { db } => {
+                let pool = sheepdog::store::connect(&db.database_url, 2).await?;
+                commands::require_schema(&pool).await?;
+                print!("{}", commands::status::render_limits(&pool).await?);
+            }
+        },
         Command::Enqueue {
             file,
             batch,
@@ -268,6 +309,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
                 print!("{}", commands::status::render_status(&pool, &s).await?);
+                print!("\n{}", commands::status::render_limits(&pool).await?);
             }
         }
         Command::Export { batch, out, db } => {

@@ -21,6 +21,7 @@ use rand::Rng;
 use secrecy::SecretString;
 use serde_json::{json, Value};
 use sqlx::PgPool;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -28,6 +29,7 @@ use uuid::Uuid;
 use crate::amqp::{self, DEAD_QUEUE, ERROR_HEADER, JOBS_QUEUE, RETRIES_HEADER};
 use crate::config::WorkerArgs;
 use crate::job::{Job, JobId};
+use crate::limits::{Acquired, Limiter};
 use crate::metrics::Metrics;
 use crate::prices::{PriceTable, Usage};
 use crate::store::batcher::Batcher;
@@ -51,14 +53,36 @@ pub struct Worker {
     /// Claims and settlements of concurrent jobs, written many per statement.
     claims: Batcher<AttemptRequest, Begin>,
     settles: Batcher<Settlement, ()>,
+    /// The global limits.
+    pub limiter: Arc<Limiter>,
+    /// Why this replica takes no jobs, while it takes none.
+    pause: watch::Sender<Option<Pause>>,
+}
+
+/// Why a replica stopped taking jobs, and what ends it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pause {
+    pub reason: String,
+    /// Resume once the budget has room for this much (the refused job's worst case).
+    pub resume_when_budget_has: Option<rust_decimal::Decimal>,
 }
 
 /// How a delivery ends.
 enum Settle {
     Ack,
+    /// Hand it back to the queue unacked (a pause): no attempt used.
+    Requeue,
+}
+
+fn requeue() -> BasicNackOptions {
+    BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    }
 }
 
 impl Worker {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         pool: PgPool,
         client: Client,
@@ -67,6 +91,7 @@ impl Worker {
         amqp_url: SecretString,
         name: String,
         metrics: Arc<Metrics>,
+        limiter: Arc<Limiter>,
     ) -> Arc<Worker> {
         let fault = std::env::var("SHEEPDOG_FAULT").ok().filter(|f| !f.is_empty());
         let parallel = (pool.options().get_max_connections() as usize / 3).max(2);
@@ -92,6 +117,8 @@ impl Worker {
             fault,
             claims,
             settles,
+            limiter,
+            pause: watch::channel(None).0,
         })
     }
 
@@ -136,52 +163,73 @@ impl Worker {
             .basic_qos(self.args.concurrency.max(1), BasicQosOptions::default())
             .await?;
         let publish_ch = amqp::confirm_channel(&conn).await?;
-        let tag = format!("{}-{}", self.name, Uuid::new_v4().simple());
-        let mut consumer = consume_ch
-            .basic_consume(
-                JOBS_QUEUE.into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
         self.metrics.amqp_connected.store(true, Ordering::Relaxed);
         *backoff = Duration::from_millis(200);
-        tracing::info!(worker = %self.name, prefetch = self.args.concurrency, "consuming {JOBS_QUEUE}");
+        let mut pause_rx = self.pause.subscribe();
 
-        loop {
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                next = consumer.next() => match next {
-                    Some(Ok(delivery)) => {
-                        let w = self.clone();
-                        let ch = publish_ch.clone();
-                        tracker.spawn(async move { w.handle(delivery, ch).await });
-                    }
-                    Some(Err(e)) => return Err(e.into()),
-                    None => anyhow::bail!("the broker cancelled the consumer"),
+        'consume: loop {
+            // Paused (budget, breaker, account): take nothing until resumed.
+            loop {
+                let Some(pause) = pause_rx.borrow_and_update().clone() else {
+                    break;
+                };
+                self.metrics.set_paused(Some(pause.reason.clone()));
+                tokio::select! {
+                    _ = shutdown.cancelled() => break 'consume,
+                    _ = pause_rx.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => self.try_resume(&pause).await,
                 }
+            }
+            self.metrics.set_paused(None);
+
+            let tag = format!("{}-{}", self.name, Uuid::new_v4().simple());
+            let mut consumer = consume_ch
+                .basic_consume(
+                    JOBS_QUEUE.into(),
+                    tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            tracing::info!(worker = %self.name, prefetch = self.args.concurrency, "consuming {JOBS_QUEUE}");
+            let stop_shutdown = loop {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => break true,
+                    _ = pause_rx.changed() => {
+                        if let Some(p) = pause_rx.borrow().clone() {
+                            tracing::warn!(reason = %p.reason, "pausing: taking no jobs and handing back the ones not started");
+                            break false;
+                        }
+                    }
+                    next = consumer.next() => match next {
+                        Some(Ok(delivery)) => {
+                            let w = self.clone();
+                            let ch = publish_ch.clone();
+                            tracker.spawn(async move { w.handle(delivery, ch).await });
+                        }
+                        Some(Err(e)) => return Err(e.into()),
+                        None => anyhow::bail!("the broker cancelled the consumer"),
+                    }
+                }
+            };
+            // Take nothing new; hand back what was prefetched but not started.
+            let _ = consume_ch
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await;
+            while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(200), consumer.next()).await {
+                let _ = d.nack(requeue()).await;
+            }
+            if stop_shutdown {
+                break;
             }
         }
 
-        // Shutdown: take nothing new, hand back what was prefetched but not
-        // started, finish what is in hand, then close.
+        // Shutdown: finish what is in hand, then close.
         tracing::info!(
             in_flight = self.metrics.in_flight.load(Ordering::Relaxed),
             "stopping: no new jobs; finishing the ones in hand"
         );
-        let _ = consume_ch
-            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-            .await;
-        while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(200), consumer.next()).await {
-            let _ = d
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await;
-        }
         tracker.close();
         let grace = Duration::from_secs_f64(self.args.grace_seconds.max(0.0));
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
@@ -198,11 +246,27 @@ impl Worker {
         Ok(())
     }
 
+    /// Ends a pause once its cause has gone: the budget has room again (the
+    /// period rolled over or the budget was raised).
+    async fn try_resume(&self, pause: &Pause) {
+        if let Some(cost) = pause.resume_when_budget_has {
+            match self.limiter.budget_has_room(cost).await {
+                Ok(true) => {
+                    tracing::info!("budget has room again; resuming");
+                    self.pause.send_if_modified(|p| p.take().is_some());
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot read the budget; staying paused"),
+            }
+        }
+    }
+
     async fn handle(self: Arc<Self>, delivery: Delivery, publish_ch: Channel) {
         self.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
         let result = self.process(&delivery, &publish_ch).await;
         let settled = match result {
             Ok(Settle::Ack) => delivery.ack(BasicAckOptions::default()).await,
+            Ok(Settle::Requeue) => delivery.nack(requeue()).await,
             Err(e) => {
                 // The database or broker failed under us: leave the job to the
                 // broker, after a pause so a persistent fault is not a hot loop.
@@ -289,6 +353,36 @@ impl Worker {
             .map(tokio_retry::strategy::jitter)
             .take(2);
         loop {
+            if self.pause.borrow().is_some() {
+                return Ok(Settle::Requeue);
+            }
+            // The global limits: one request, the worst-case tokens and cost.
+            let max_wait = Duration::from_secs_f64(self.args.max_wait_seconds.max(1.0));
+            let period = match self
+                .limiter
+                .acquire(token, reservation.tokens, reservation.cost_usd, max_wait)
+                .await
+            {
+                Acquired::Granted { period } => period,
+                Acquired::BudgetExhausted { reason, retry_in } => {
+                    tracing::warn!(%reason, retry_in_s = retry_in.as_secs(), "budget exhausted: pausing this replica");
+                    self.pause.send_if_modified(|p| {
+                        let was = p.is_some();
+                        *p = Some(Pause {
+                            reason: reason.clone(),
+                            resume_when_budget_has: Some(reservation.cost_usd),
+                        });
+                        !was
+                    });
+                    return Ok(Settle::Requeue);
+                }
+                Acquired::TimedOut => {
+                    // Never hold a delivery for long: it goes round again.
+                    self.requeue_later(publish_ch, delivery, Duration::from_secs(5), false)
+                        .await?;
+                    return Ok(Settle::Ack);
+                }
+            };
             let (call_id, attempt) = match self
                 .claims
                 .call(AttemptRequest {
@@ -297,17 +391,22 @@ impl Worker {
                     metadata: job.metadata.clone(),
                     token,
                     lease_seconds: self.args.lease_seconds,
-                    reservation: reservation.clone(),
+                    reservation: Reservation {
+                        budget_period: period,
+                        ..reservation.clone()
+                    },
                 })
                 .await?
             {
                 Begin::Started { call_id, attempt } => (call_id, attempt),
                 Begin::Finished => {
+                    self.limiter.give_back(token, reservation.tokens).await;
                     self.metrics.jobs_duplicate.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(job = %job.id, "already finished; acking the duplicate without a call");
                     return Ok(Settle::Ack);
                 }
                 Begin::Busy => {
+                    self.limiter.give_back(token, reservation.tokens).await;
                     // Another claim is live. Check again later: either that worker
                     // finishes, or its lease runs out and this copy takes over.
                     self.requeue_later(publish_ch, delivery, Duration::from_secs(5), false)
@@ -360,6 +459,13 @@ impl Worker {
                     return Ok(Settle::Ack);
                 }
                 Verdict::Transient { reason, retry_after } => {
+                    let status = a.response.as_ref().map(|r| r.status);
+                    if let (Some(429), Some(d)) = (status, retry_after) {
+                        // The account's limit is everyone's: every replica waits it out.
+                        self.limiter
+                            .pause_all(*d, "the upstream answered 429 (Retry-After)")
+                            .await;
+                    }
                     if attempt as u32 >= self.args.max_attempts {
                         let why = format!("gave up after {attempt} attempts; last: {reason}");
                         let s = Settlement {

@@ -51,6 +51,7 @@ pub async fn build_worker(
     require_schema(&pool).await?;
     let prices = PriceTable::load(args.prices.as_deref())?;
     let client = Client::new(upstream, args.concurrency as usize)?;
+    let limiter = crate::limits::Limiter::start(pool.clone()).await?;
     Ok(Worker::new(
         pool,
         client,
@@ -59,6 +60,7 @@ pub async fn build_worker(
         amqp_url.clone(),
         name,
         Arc::new(Metrics::default()),
+        limiter,
     ))
 }
 

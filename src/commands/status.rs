@@ -93,6 +93,79 @@ pub async fn render_status(pool: &PgPool, s: &BatchStatus) -> anyhow::Result<Str
     Ok(o)
 }
 
+/// The global limits and their current use (`sheepdog.limit_usage`).
+pub async fn render_limits(pool: &PgPool) -> anyhow::Result<String> {
+    use std::fmt::Write;
+    #[allow(clippy::type_complexity)]
+    let r: (
+        Option<rust_decimal::Decimal>,
+        Option<rust_decimal::Decimal>,
+        rust_decimal::Decimal,
+        Option<rust_decimal::Decimal>,
+        String,
+        String,
+        rust_decimal::Decimal,
+        rust_decimal::Decimal,
+        Option<rust_decimal::Decimal>,
+        i64,
+        rust_decimal::Decimal,
+        Option<chrono::DateTime<chrono::Utc>>,
+        Option<String>,
+    ) = sqlx::query_as(
+        "SELECT rpm, tpm, burst_seconds, budget_usd, budget_period, budget_period_key, budget_spent_usd,
+                budget_reserved_usd, budget_left_usd, requests_last_minute, tokens_last_minute::numeric,
+                paused_until, pause_reason
+           FROM sheepdog.limit_usage",
+    )
+    .fetch_one(pool)
+    .await?;
+    let lim = |v: &Option<rust_decimal::Decimal>| v.map(|v| v.normalize().to_string()).unwrap_or("unlimited".into());
+    let mut o = String::new();
+    writeln!(o, "global limits (all replicas)")?;
+    writeln!(
+        o,
+        "  {:<18} {:>16}   used in the last minute: {}",
+        "requests/min",
+        lim(&r.0),
+        r.9
+    )?;
+    writeln!(
+        o,
+        "  {:<18} {:>16}   used in the last minute: {}",
+        "tokens/min",
+        lim(&r.1),
+        r.10
+    )?;
+    writeln!(o, "  {:<18} {:>16}", "burst seconds", r.2.normalize())?;
+    writeln!(
+        o,
+        "  {:<18} {:>16}   period {} ({})",
+        "budget (USD)",
+        lim(&r.3),
+        r.4,
+        r.5
+    )?;
+    writeln!(
+        o,
+        "  {:<18} {:>16}   reserved in flight: {}",
+        "spent (USD)",
+        r.6.normalize(),
+        r.7.normalize()
+    )?;
+    if let Some(left) = r.8 {
+        let note = if left <= rust_decimal::Decimal::ZERO {
+            "   budget exhausted"
+        } else {
+            ""
+        };
+        writeln!(o, "  {:<18} {:>16}{note}", "left (USD)", left.normalize())?;
+    }
+    if let (Some(until), Some(why)) = (r.11, r.12) {
+        writeln!(o, "  paused until {until}: {why}")?;
+    }
+    Ok(o)
+}
+
 /// `sheepdog export`: OpenAI Batch output lines for the batch's finished jobs.
 /// Returns how many lines were written.
 pub async fn export(pool: &PgPool, batch_id: &str, out: &Path) -> anyhow::Result<u64> {

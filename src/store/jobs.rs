@@ -116,7 +116,16 @@ pub async fn begin_attempts(pool: &PgPool, reqs: Vec<AttemptRequest>) -> sqlx::R
               FROM claim
              WHERE c.batch_id = claim.batch_id AND c.custom_id = claim.custom_id
                AND c.outcome = 'pending' AND c.claim_token <> claim.claim_token
-            RETURNING c.id
+            RETURNING c.reserved_cost_usd, c.budget_period
+        ), stale_spend AS (
+            -- An unknown call is spent at its reservation.
+            UPDATE sheepdog.budget b SET spent = b.spent + x.r, reserved = b.reserved - x.r
+              FROM (SELECT budget_period, sum(reserved_cost_usd) AS r FROM stale
+                     WHERE budget_period IS NOT NULL GROUP BY 1) x
+             WHERE b.period_key = x.budget_period
+        ), moved AS (
+            -- The reservation `acquire` took now rides on the pending call row.
+            DELETE FROM sheepdog.reservations r USING claim WHERE r.token = claim.claim_token
         ), call AS (
             INSERT INTO sheepdog.calls
                 (batch_id, custom_id, attempt, model, claim_token, outcome, reserved_tokens, reserved_cost_usd, budget_period)
@@ -262,9 +271,23 @@ pub async fn settle_many(pool: &PgPool, items: Vec<Settlement>) -> sqlx::Result<
                    finished_at = now()
               FROM s
              WHERE c.id = s.call_id AND c.outcome = 'pending'
-            RETURNING c.id
+            RETURNING c.id, c.budget_period, c.reserved_cost_usd, c.reserved_tokens
         ), u AS (
-            SELECT s.*, call.id IS NOT NULL AS fresh FROM s LEFT JOIN call ON call.id = s.call_id
+            SELECT s.*, call.id IS NOT NULL AS fresh, call.budget_period, call.reserved_cost_usd, call.reserved_tokens
+              FROM s LEFT JOIN call ON call.id = s.call_id
+        ), spend AS (
+            -- The budget: the reservation becomes the real cost.
+            UPDATE sheepdog.budget b SET spent = b.spent + x.cost, reserved = b.reserved - x.reserved
+              FROM (SELECT budget_period, sum(cost_usd) AS cost, sum(reserved_cost_usd) AS reserved FROM u
+                     WHERE fresh AND budget_period IS NOT NULL GROUP BY 1) x
+             WHERE b.period_key = x.budget_period
+        ), refund AS (
+            -- The token bucket gets back what the calls did not use (an unknown
+            -- call keeps its whole reservation).
+            UPDATE sheepdog.limits l SET tok_level = least(l.tpm * l.burst_seconds / 60, l.tok_level + x.back)
+              FROM (SELECT sum(reserved_tokens - coalesce(prompt_tokens, 0) - coalesce(completion_tokens, 0)) AS back
+                      FROM u WHERE fresh AND outcome <> 'unknown') x
+             WHERE l.id = 1 AND l.tpm IS NOT NULL AND x.back IS NOT NULL AND x.back <> 0
         )
         UPDATE sheepdog.jobs j SET
             prompt_tokens = j.prompt_tokens + CASE WHEN u.fresh THEN coalesce(u.prompt_tokens, 0) ELSE 0 END,

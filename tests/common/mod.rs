@@ -100,6 +100,7 @@ impl TestEnv {
             max_message_bytes: 64 * 1024,
             max_attempts: 8,
             lease_seconds: 30.0,
+            max_wait_seconds: 300.0,
             grace_seconds: 10.0,
             metrics_addr: "off".into(),
         }
