@@ -104,6 +104,8 @@ pub struct WorkerArgs {
         default_value = "127.0.0.1:9090"
     )]
     pub metrics_addr: String,
+    #[command(flatten)]
+    pub breaker: crate::limits::breaker::BreakerArgs,
 }
 
 /// Global limits shared by every replica (contract §2, §5). Unset means "leave

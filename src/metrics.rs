@@ -26,6 +26,7 @@ pub struct Metrics {
     /// Why this replica is not taking jobs, when it is not.
     pub paused: Mutex<Option<String>>,
     pub limiter_wait_seconds: Mutex<f64>,
+    breaker: Mutex<crate::limits::breaker::BreakerView>,
     calls: Mutex<BTreeMap<String, u64>>,
     by_model: Mutex<BTreeMap<String, ModelTotals>>,
     latency: Mutex<Histogram>,
@@ -67,6 +68,10 @@ impl Metrics {
         }
         h.sum += s;
         h.count += 1;
+    }
+
+    pub fn set_breaker(&self, v: &crate::limits::breaker::BreakerView) {
+        *self.breaker.lock().unwrap() = v.clone();
     }
 
     pub fn set_paused(&self, why: Option<String>) {

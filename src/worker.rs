@@ -29,6 +29,7 @@ use uuid::Uuid;
 use crate::amqp::{self, DEAD_QUEUE, ERROR_HEADER, JOBS_QUEUE, RETRIES_HEADER};
 use crate::config::WorkerArgs;
 use crate::job::{Job, JobId};
+use crate::limits::breaker::Breaker;
 use crate::limits::{Acquired, Limiter};
 use crate::metrics::Metrics;
 use crate::prices::{PriceTable, Usage};
@@ -57,6 +58,8 @@ pub struct Worker {
     pub limiter: Arc<Limiter>,
     /// Why this replica takes no jobs, while it takes none.
     pause: watch::Sender<Option<Pause>>,
+    /// The circuit breaker shared by every replica.
+    pub breaker: Arc<Breaker>,
 }
 
 /// Why a replica stopped taking jobs, and what ends it.
@@ -65,6 +68,8 @@ pub struct Pause {
     pub reason: String,
     /// Resume once the budget has room for this much (the refused job's worst case).
     pub resume_when_budget_has: Option<rust_decimal::Decimal>,
+    /// Paused by the shared circuit breaker: resume when it closes (or probe it).
+    pub breaker: bool,
 }
 
 /// How a delivery ends.
@@ -92,6 +97,7 @@ impl Worker {
         name: String,
         metrics: Arc<Metrics>,
         limiter: Arc<Limiter>,
+        breaker: Arc<Breaker>,
     ) -> Arc<Worker> {
         let fault = std::env::var("SHEEPDOG_FAULT").ok().filter(|f| !f.is_empty());
         let parallel = (pool.options().get_max_connections() as usize / 3).max(2);
@@ -119,6 +125,7 @@ impl Worker {
             settles,
             limiter,
             pause: watch::channel(None).0,
+            breaker,
         })
     }
 
@@ -127,6 +134,7 @@ impl Worker {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> anyhow::Result<()> {
         crate::tokens::warm_up();
         self.metrics.db_ok.store(true, Ordering::Relaxed);
+        let watcher = tokio::spawn(self.clone().follow_breaker());
         let tracker = TaskTracker::new();
         let mut backoff = Duration::from_millis(200);
         while !shutdown.is_cancelled() {
@@ -145,8 +153,55 @@ impl Worker {
             }
         }
         tracker.close();
+        watcher.abort();
         self.metrics.amqp_connected.store(false, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Pauses this replica while the shared breaker is not closed, and resumes
+    /// it when the breaker closes.
+    async fn follow_breaker(self: Arc<Self>) {
+        let mut rx = self.breaker.subscribe();
+        loop {
+            let view = rx.borrow_and_update().clone();
+            self.metrics.set_breaker(&view);
+            if view.closed() {
+                self.pause.send_if_modified(|p| {
+                    let ours = p.as_ref().is_some_and(|p| p.breaker);
+                    if ours {
+                        tracing::info!("circuit breaker closed: resuming");
+                        *p = None;
+                    }
+                    ours
+                });
+            } else {
+                let reason = format!(
+                    "circuit breaker {} since {}: {}",
+                    view.state.replace('_', "-"),
+                    view.since.map(|s| s.to_rfc3339()).unwrap_or_default(),
+                    view.reason.clone().unwrap_or_default()
+                );
+                self.pause.send_if_modified(|p| match p {
+                    Some(p) if p.breaker => {
+                        let changed = p.reason != reason;
+                        p.reason = reason.clone();
+                        changed
+                    }
+                    Some(_) => false,
+                    None => {
+                        *p = Some(Pause {
+                            reason: reason.clone(),
+                            resume_when_budget_has: None,
+                            breaker: true,
+                        });
+                        true
+                    }
+                });
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
     }
 
     /// One connection's life. Returns Ok after a clean shutdown, Err when the
@@ -177,7 +232,9 @@ impl Worker {
                 tokio::select! {
                     _ = shutdown.cancelled() => break 'consume,
                     _ = pause_rx.changed() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => self.try_resume(&pause).await,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                        self.clone().try_resume(&pause, &consume_ch, &publish_ch).await
+                    }
                 }
             }
             self.metrics.set_paused(None);
@@ -206,7 +263,7 @@ impl Worker {
                         Some(Ok(delivery)) => {
                             let w = self.clone();
                             let ch = publish_ch.clone();
-                            tracker.spawn(async move { w.handle(delivery, ch).await });
+                            tracker.spawn(async move { w.handle(delivery, ch, false).await });
                         }
                         Some(Err(e)) => return Err(e.into()),
                         None => anyhow::bail!("the broker cancelled the consumer"),
@@ -247,8 +304,27 @@ impl Worker {
     }
 
     /// Ends a pause once its cause has gone: the budget has room again (the
-    /// period rolled over or the budget was raised).
-    async fn try_resume(&self, pause: &Pause) {
+    /// period rolled over or the budget was raised). For the breaker, when its
+    /// cooldown is over, this replica may win the one probe: it takes a single
+    /// job with `basic.get` and calls with it.
+    async fn try_resume(self: Arc<Self>, pause: &Pause, consume_ch: &Channel, publish_ch: &Channel) {
+        if pause.breaker {
+            let view = self.breaker.view();
+            let cooled = view.open_until.is_none_or(|u| u <= chrono::Utc::now());
+            if view.state == "open" && cooled {
+                let lease = self.client_timeout() + Duration::from_secs(10);
+                if self.breaker.claim_probe(lease).await {
+                    match consume_ch
+                        .basic_get(JOBS_QUEUE.into(), lapin::options::BasicGetOptions { no_ack: false })
+                        .await
+                    {
+                        Ok(Some(m)) => self.clone().handle(m.delivery, publish_ch.clone(), true).await,
+                        _ => self.breaker.release_probe().await,
+                    }
+                }
+            }
+            return;
+        }
         if let Some(cost) = pause.resume_when_budget_has {
             match self.limiter.budget_has_room(cost).await {
                 Ok(true) => {
@@ -261,9 +337,9 @@ impl Worker {
         }
     }
 
-    async fn handle(self: Arc<Self>, delivery: Delivery, publish_ch: Channel) {
+    async fn handle(self: Arc<Self>, delivery: Delivery, publish_ch: Channel, probe: bool) {
         self.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
-        let result = self.process(&delivery, &publish_ch).await;
+        let result = self.process(&delivery, &publish_ch, probe).await;
         let settled = match result {
             Ok(Settle::Ack) => delivery.ack(BasicAckOptions::default()).await,
             Ok(Settle::Requeue) => delivery.nack(requeue()).await,
@@ -293,7 +369,7 @@ impl Worker {
         self.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
-    async fn process(&self, delivery: &Delivery, publish_ch: &Channel) -> anyhow::Result<Settle> {
+    async fn process(&self, delivery: &Delivery, publish_ch: &Channel, probe: bool) -> anyhow::Result<Settle> {
         let job = match Job::parse(&delivery.data, self.args.max_message_bytes) {
             Ok(j) => j,
             Err(invalid) => {
@@ -329,7 +405,7 @@ impl Worker {
         let token = Uuid::new_v4();
         self.in_hand.lock().unwrap().insert(token, job.id.clone());
         let result = self
-            .attempts(&job, &body, &price, &reservation, token, delivery, publish_ch)
+            .attempts(&job, &body, &price, &reservation, token, delivery, publish_ch, probe)
             .await;
         self.in_hand.lock().unwrap().remove(&token);
         result
@@ -346,14 +422,23 @@ impl Worker {
         token: Uuid,
         delivery: &Delivery,
         publish_ch: &Channel,
+        probe: bool,
     ) -> anyhow::Result<Settle> {
         // Quick in-process retries for blips; longer waits go through RabbitMQ.
         let mut quick = tokio_retry::strategy::ExponentialBackoff::from_millis(5)
             .factor(10)
             .map(tokio_retry::strategy::jitter)
             .take(2);
+        let mut claimed = false;
         loop {
-            if self.pause.borrow().is_some() {
+            // Paused (breaker open, budget spent, account refused): hand the job
+            // back without using an attempt. Only the breaker's probe goes on.
+            let paused = self.pause.borrow().is_some() || !self.breaker.view().closed();
+            let probing = probe && !claimed;
+            if paused && !probing {
+                if claimed {
+                    store::release(&self.pool, &job.id, token).await?;
+                }
                 return Ok(Settle::Requeue);
             }
             // The global limits: one request, the worst-case tokens and cost.
@@ -371,6 +456,7 @@ impl Worker {
                         *p = Some(Pause {
                             reason: reason.clone(),
                             resume_when_budget_has: Some(reservation.cost_usd),
+                            breaker: false,
                         });
                         !was
                     });
@@ -398,7 +484,10 @@ impl Worker {
                 })
                 .await?
             {
-                Begin::Started { call_id, attempt } => (call_id, attempt),
+                Begin::Started { call_id, attempt } => {
+                    claimed = true;
+                    (call_id, attempt)
+                }
                 Begin::Finished => {
                     self.limiter.give_back(token, reservation.tokens).await;
                     self.metrics.jobs_duplicate.fetch_add(1, Ordering::Relaxed);
@@ -416,6 +505,16 @@ impl Worker {
             };
 
             let a = self.client.call(body).await;
+            // The breaker counts what says the upstream is failing: 5xx, timeouts,
+            // connection errors. A 429 is its own pause; a 4xx is the job's fault.
+            let upstream_failing =
+                matches!(a.verdict, Verdict::Transient { .. }) && a.response.as_ref().is_none_or(|r| r.status >= 500);
+            if probe {
+                let ok = matches!(a.verdict, Verdict::Ok | Verdict::Permanent { .. });
+                self.breaker.probe_result(ok, a.verdict.reason()).await;
+            } else if !matches!(a.verdict, Verdict::Paused { .. }) {
+                self.breaker.record(upstream_failing, a.verdict.reason()).await;
+            }
             let settlement = settlement_for(&job.id, &a, call_id, price, reservation);
             let (outcome, prompt, completion, cost) = (
                 settlement.outcome,
@@ -502,21 +601,27 @@ impl Worker {
                     }
                 }
                 Verdict::Paused { reason } => {
-                    // The key or the balance: no job fails. Hand the job back and wait.
+                    // The key or the balance: no job fails. Every replica pauses
+                    // (through the shared breaker) until a probe passes.
                     self.settles
                         .call(Settlement {
                             end: JobEnd::Continue,
                             ..settlement
                         })
                         .await?;
-                    tracing::error!(%reason, "the upstream refused the account; handing the job back");
+                    tracing::error!(%reason, "the upstream refused the account: pausing every replica");
+                    if !probe {
+                        self.breaker.trip(&format!("account refused: {reason}")).await;
+                    }
                     store::release(&self.pool, &job.id, token).await?;
-                    self.requeue_later(publish_ch, delivery, Duration::from_secs(30), false)
-                        .await?;
-                    return Ok(Settle::Ack);
+                    return Ok(Settle::Requeue);
                 }
             }
         }
+    }
+
+    fn client_timeout(&self) -> Duration {
+        self.client.timeout()
     }
 
     /// Publishes the message, body and headers unchanged, to `sheepdog.dead` with

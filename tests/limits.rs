@@ -14,23 +14,7 @@ use sheepdog::upstream::mock::{CallRecord, MockConfig};
 
 /// The most requests and tokens that arrived in any window of `t_ms`.
 fn worst_window(calls: &[CallRecord], t_ms: f64) -> (usize, u64) {
-    let mut arrivals: Vec<(f64, u64)> = calls
-        .iter()
-        .map(|c| (c.arrived_ms, c.prompt_tokens + c.completion_tokens))
-        .collect();
-    arrivals.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap());
-    let (mut best_n, mut best_tokens) = (0, 0);
-    let (mut j, mut tokens) = (0, 0u64);
-    for i in 0..arrivals.len() {
-        while j < arrivals.len() && arrivals[j].0 < arrivals[i].0 + t_ms {
-            tokens += arrivals[j].1;
-            j += 1;
-        }
-        best_n = best_n.max(j - i);
-        best_tokens = best_tokens.max(tokens);
-        tokens -= arrivals[i].1;
-    }
-    (best_n, best_tokens)
+    sheepdog::commands::bench::worst_window(calls, t_ms / 1000.0)
 }
 
 fn limits(rpm: Option<i64>, tpm: Option<i64>, budget: Option<&str>) -> LimitArgs {

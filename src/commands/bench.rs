@@ -4,12 +4,15 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use secrecy::SecretString;
+use rust_decimal::Decimal;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use serde_json::json;
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{UpstreamArgs, WorkerArgs};
+use crate::config::{LimitArgs, UpstreamArgs, WorkerArgs};
+use crate::upstream::mock::CallRecord;
 use crate::upstream::mock::{MockConfig, MockServer};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -26,6 +29,18 @@ pub struct BenchArgs {
     /// High end of a uniform mock latency range.
     #[arg(long)]
     pub latency_ms_max: Option<u64>,
+    /// Global requests-per-minute limit for the run (a limit run).
+    #[arg(long = "rpm")]
+    pub rpm: Option<Decimal>,
+    /// Global tokens-per-minute limit for the run.
+    #[arg(long = "tpm")]
+    pub tpm: Option<Decimal>,
+    /// Spend budget (USD, period `total`) for the run: it ends when the budget does.
+    #[arg(long = "budget")]
+    pub budget: Option<Decimal>,
+    /// Seconds to measure the global bucket's own cost (acquisitions/s, p99); 0 skips it.
+    #[arg(long, default_value_t = 5.0)]
+    pub bucket_seconds: f64,
     /// Also write the JSON result to this file.
     #[arg(long)]
     pub json_out: Option<std::path::PathBuf>,
@@ -51,6 +66,38 @@ pub struct BenchResult {
     pub added_p99_ms: f64,
     pub upstream_calls: usize,
     pub peak_rss_mib: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<BucketReport>,
+}
+
+/// How a limit run used its limits, measured at the mock.
+#[derive(Debug, Default, Serialize)]
+pub struct LimitReport {
+    pub rpm_limit: Option<String>,
+    pub achieved_rpm: f64,
+    pub rpm_utilisation_pct: Option<f64>,
+    pub worst_60s_requests: usize,
+    pub worst_60s_requests_bound: Option<f64>,
+    pub tpm_limit: Option<String>,
+    pub achieved_tpm: f64,
+    pub tpm_utilisation_pct: Option<f64>,
+    pub worst_60s_tokens: u64,
+    pub worst_60s_tokens_bound: Option<f64>,
+    pub budget_usd: Option<String>,
+    pub spent_usd: Option<String>,
+    pub jobs_done_within_budget: Option<i64>,
+    pub failed_jobs: i64,
+}
+
+/// The cost of the global bucket itself: concurrent `sheepdog.acquire` calls.
+#[derive(Debug, Default, Serialize)]
+pub struct BucketReport {
+    pub tasks: usize,
+    pub acquisitions_per_second: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
 }
 
 fn peak_rss_mib() -> f64 {
@@ -72,7 +119,25 @@ pub async fn run(
     mut worker: WorkerArgs,
     b: BenchArgs,
 ) -> anyhow::Result<BenchResult> {
+    // Its own database, so limits set for the run touch nothing else.
+    let database_url = &bench_database(database_url)?;
     let pool = super::migrate(database_url, amqp_url).await?;
+    refuse_if_consumed(amqp_url).await?;
+    reset_limits(&pool).await?;
+    let limit_run = b.rpm.is_some() || b.tpm.is_some() || b.budget.is_some();
+    if limit_run {
+        crate::limits::apply(
+            &pool,
+            &LimitArgs {
+                rpm: b.rpm,
+                tpm: b.tpm,
+                burst_seconds: Some(Decimal::ONE),
+                budget_usd: b.budget,
+                budget_period: Some("total".into()),
+            },
+        )
+        .await?;
+    }
     let mock = MockServer::start(
         "127.0.0.1:0",
         MockConfig {
@@ -103,8 +168,10 @@ pub async fn run(
 
     let shutdown = CancellationToken::new();
     let mut handles = Vec::new();
+    let mut metrics = Vec::new();
     for i in 0..b.replicas.max(1) {
         let w = super::build_worker(database_url, amqp_url, &upstream, &worker, format!("bench-worker-{i}")).await?;
+        metrics.push(w.metrics.clone());
         let s = shutdown.clone();
         handles.push(tokio::spawn(async move { Arc::clone(&w).run(s).await }));
     }
@@ -140,6 +207,14 @@ pub async fn run(
         if done as usize >= b.jobs {
             break;
         }
+        // A budget run ends when every replica has paused on the budget.
+        if b.budget.is_some()
+            && metrics.iter().all(|m| {
+                m.paused.lock().unwrap().is_some() && m.in_flight.load(std::sync::atomic::Ordering::Relaxed) == 0
+            })
+        {
+            break;
+        }
         if last_print.elapsed() > Duration::from_secs(2) {
             eprintln!(
                 "  {done}/{} done, {:.0} jobs/s so far",
@@ -151,6 +226,35 @@ pub async fn run(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let wall = started.elapsed().as_secs_f64();
+    let calls_in_run = mock.state.calls();
+    let limits = if limit_run {
+        Some(limit_report(&pool, &b, &calls_in_run, &batch_id).await?)
+    } else {
+        None
+    };
+    if b.budget.is_some() {
+        // Lift the budget so the rest of the batch drains (not measured).
+        crate::limits::apply(
+            &pool,
+            &LimitArgs {
+                budget_usd: Some(Decimal::ZERO),
+                ..Default::default()
+            },
+        )
+        .await?;
+        loop {
+            let done: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM sheepdog.jobs WHERE batch_id = $1 AND status IN ('succeeded', 'failed')",
+            )
+            .bind(&batch_id)
+            .fetch_one(&pool)
+            .await?;
+            if done as usize >= b.jobs {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     let (report, enqueue_time) = enqueue.await?;
     let report = report?;
     anyhow::ensure!(
@@ -175,7 +279,13 @@ pub async fn run(
     .bind(&batch_id)
     .fetch_one(&pool)
     .await?;
-    let calls = mock.state.calls();
+    let calls = calls_in_run;
+    let bucket = if b.bucket_seconds > 0.0 {
+        Some(bucket_cost(&pool, b.bucket_seconds).await?)
+    } else {
+        None
+    };
+    reset_limits(&pool).await?;
     let mut own: Vec<u64> = calls.iter().map(|c| c.latency_ms).collect();
     own.sort_unstable();
     let own_p50 = own.get(own.len() / 2).copied().unwrap_or(0) as f64;
@@ -199,12 +309,170 @@ pub async fn run(
         added_p99_ms: round(row.3 - own_p50),
         upstream_calls: calls.len(),
         peak_rss_mib: round(peak_rss_mib()),
+        limits,
+        bucket,
     };
     print_result(&result);
     if let Some(p) = &b.json_out {
         std::fs::write(p, serde_json::to_string_pretty(&result)?)?;
     }
     Ok(result)
+}
+
+/// `DATABASE_URL` with `_bench` added to the database name.
+fn bench_database(url: &SecretString) -> anyhow::Result<SecretString> {
+    let mut u = url::Url::parse(url.expose_secret()).map_err(|_| anyhow::anyhow!("DATABASE_URL is not a URL"))?;
+    let name = u.path().trim_start_matches('/').to_string();
+    let name = if name.is_empty() { "sheepdog".to_string() } else { name };
+    u.set_path(&format!("/{name}_bench"));
+    Ok(SecretString::from(u.to_string()))
+}
+
+/// The benchmark consumes `sheepdog.jobs`; a live worker on the same broker
+/// would take its jobs (and call its upstream), so it refuses to run beside one.
+async fn refuse_if_consumed(amqp_url: &SecretString) -> anyhow::Result<()> {
+    let conn = crate::amqp::connect(amqp_url, "sheepdog bench").await?;
+    let ch = conn.create_channel().await?;
+    let q = ch
+        .queue_declare(
+            crate::amqp::JOBS_QUEUE.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await?;
+    let _ = conn.close(200, "".into()).await;
+    anyhow::ensure!(
+        q.consumer_count() == 0,
+        "{} worker(s) consume sheepdog.jobs on this broker; stop them (or use another vhost) before benchmarking",
+        q.consumer_count()
+    );
+    Ok(())
+}
+
+async fn reset_limits(pool: &PgPool) -> anyhow::Result<()> {
+    sqlx::query(
+        "UPDATE sheepdog.limits SET rpm = NULL, tpm = NULL, budget_usd = NULL, burst_seconds = 1,
+                req_level = 0, tok_level = 0, bucket_at = now(), paused_until = NULL, pause_reason = NULL
+          WHERE id = 1",
+    )
+    .execute(pool)
+    .await?;
+    sqlx::query("TRUNCATE sheepdog.budget, sheepdog.reservations")
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// The most requests and tokens that arrived at the mock in any window of `secs`.
+pub fn worst_window(calls: &[CallRecord], secs: f64) -> (usize, u64) {
+    let mut arrivals: Vec<(f64, u64)> = calls
+        .iter()
+        .map(|c| (c.arrived_ms, c.prompt_tokens + c.completion_tokens))
+        .collect();
+    arrivals.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (mut best_n, mut best_tokens, mut j, mut tokens) = (0, 0u64, 0, 0u64);
+    for i in 0..arrivals.len() {
+        while j < arrivals.len() && arrivals[j].0 < arrivals[i].0 + secs * 1000.0 {
+            tokens += arrivals[j].1;
+            j += 1;
+        }
+        best_n = best_n.max(j - i);
+        best_tokens = best_tokens.max(tokens);
+        tokens -= arrivals[i].1;
+    }
+    (best_n, best_tokens)
+}
+
+async fn limit_report(
+    pool: &PgPool,
+    b: &BenchArgs,
+    calls: &[CallRecord],
+    batch_id: &str,
+) -> anyhow::Result<LimitReport> {
+    use rust_decimal::prelude::ToPrimitive;
+    let first = calls.iter().map(|c| c.arrived_ms).fold(f64::INFINITY, f64::min);
+    let last = calls.iter().map(|c| c.arrived_ms).fold(0.0, f64::max);
+    let span_min = ((last - first) / 60_000.0).max(1e-9);
+    let n = calls.len() as f64;
+    let tokens: u64 = calls.iter().map(|c| c.prompt_tokens + c.completion_tokens).sum();
+    let (w_req, w_tok) = worst_window(calls, 60.0);
+    // Utilisation after the first burst (one second's worth, which the bucket holds at the start).
+    let util = |limit: Option<Decimal>, used: f64| {
+        limit
+            .and_then(|l| l.to_f64())
+            .map(|l| round(100.0 * (used - l / 60.0) / (l * span_min)))
+    };
+    let spent: Decimal =
+        sqlx::query_scalar("SELECT coalesce(sum(cost_usd), 0) FROM sheepdog.llm_calls WHERE batch_id = $1")
+            .bind(batch_id)
+            .fetch_one(pool)
+            .await?;
+    let done: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM sheepdog.jobs WHERE batch_id = $1 AND status = 'succeeded'")
+            .bind(batch_id)
+            .fetch_one(pool)
+            .await?;
+    let failed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM sheepdog.jobs WHERE batch_id = $1 AND status = 'failed'")
+            .bind(batch_id)
+            .fetch_one(pool)
+            .await?;
+    let bound = |l: Option<Decimal>| l.and_then(|l| l.to_f64()).map(|l| l * 61.0 / 60.0);
+    Ok(LimitReport {
+        rpm_limit: b.rpm.map(|v| v.to_string()),
+        achieved_rpm: round(n / span_min),
+        rpm_utilisation_pct: util(b.rpm, n),
+        worst_60s_requests: w_req,
+        worst_60s_requests_bound: bound(b.rpm),
+        tpm_limit: b.tpm.map(|v| v.to_string()),
+        achieved_tpm: round(tokens as f64 / span_min),
+        tpm_utilisation_pct: util(b.tpm, tokens as f64),
+        worst_60s_tokens: w_tok,
+        worst_60s_tokens_bound: bound(b.tpm),
+        budget_usd: b.budget.map(|v| v.to_string()),
+        spent_usd: b.budget.map(|_| spent.normalize().to_string()),
+        jobs_done_within_budget: b.budget.map(|_| done),
+        failed_jobs: failed,
+    })
+}
+
+/// Hammers `sheepdog.acquire` from many tasks and connections for `secs`
+/// (limits set so high that every call is granted): the bucket's own ceiling.
+async fn bucket_cost(pool: &PgPool, secs: f64) -> anyhow::Result<BucketReport> {
+    sqlx::query("UPDATE sheepdog.limits SET rpm = 1e12, tpm = 1e15, budget_usd = NULL WHERE id = 1")
+        .execute(pool)
+        .await?;
+    let tasks = 16;
+    let until = std::time::Instant::now() + Duration::from_secs_f64(secs);
+    let mut joins = Vec::new();
+    for _ in 0..tasks {
+        let p = pool.clone();
+        joins.push(tokio::spawn(async move {
+            let mut h = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+            while std::time::Instant::now() < until {
+                let t = std::time::Instant::now();
+                let _: (bool,) = sqlx::query_as("SELECT granted FROM sheepdog.acquire($1, 100, 0)")
+                    .bind(uuid::Uuid::new_v4())
+                    .fetch_one(&p)
+                    .await?;
+                h.record(t.elapsed().as_micros() as u64).ok();
+            }
+            Ok::<_, sqlx::Error>(h)
+        }));
+    }
+    let mut all = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+    for j in joins {
+        all.add(j.await??).ok();
+    }
+    Ok(BucketReport {
+        tasks,
+        acquisitions_per_second: round(all.len() as f64 / secs),
+        p50_ms: round(all.value_at_quantile(0.5) as f64 / 1000.0),
+        p99_ms: round(all.value_at_quantile(0.99) as f64 / 1000.0),
+    })
 }
 
 fn mock_latency(b: &BenchArgs) -> String {
@@ -222,7 +490,14 @@ fn print_result(r: &BenchResult) {
     println!("\n| metric | value |\n|---|---|");
     let v = serde_json::to_value(r).unwrap();
     for (k, val) in v.as_object().unwrap() {
-        println!("| {k} | {val} |");
+        match val.as_object() {
+            Some(inner) => {
+                for (k2, v2) in inner {
+                    println!("| {k}.{k2} | {v2} |");
+                }
+            }
+            None => println!("| {k} | {val} |"),
+        }
     }
     println!("\n{}", serde_json::to_string(r).unwrap());
 }

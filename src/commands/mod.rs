@@ -52,6 +52,8 @@ pub async fn build_worker(
     let prices = PriceTable::load(args.prices.as_deref())?;
     let client = Client::new(upstream, args.concurrency as usize)?;
     let limiter = crate::limits::Limiter::start(pool.clone()).await?;
+    let owner = format!("{name}/{}", uuid::Uuid::new_v4().simple());
+    let breaker = crate::limits::breaker::Breaker::start(pool.clone(), args.breaker.clone(), owner).await?;
     Ok(Worker::new(
         pool,
         client,
@@ -61,6 +63,7 @@ pub async fn build_worker(
         name,
         Arc::new(Metrics::default()),
         limiter,
+        breaker,
     ))
 }
 

@@ -163,6 +163,20 @@ pub async fn render_limits(pool: &PgPool) -> anyhow::Result<String> {
     if let (Some(until), Some(why)) = (r.11, r.12) {
         writeln!(o, "  paused until {until}: {why}")?;
     }
+    let b = crate::limits::breaker::read(pool).await?;
+    let since = b.since.map(|s| s.to_rfc3339()).unwrap_or_default();
+    match (b.closed(), b.reason) {
+        (true, _) => writeln!(o, "circuit breaker: closed since {since}")?,
+        (false, reason) => writeln!(
+            o,
+            "circuit breaker: {} since {since}{}: {}",
+            b.state.replace('_', "-"),
+            b.open_until
+                .map(|u| format!(", next probe after {}", u.to_rfc3339()))
+                .unwrap_or_default(),
+            reason.unwrap_or_default()
+        )?,
+    }
     Ok(o)
 }
 

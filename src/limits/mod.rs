@@ -8,6 +8,8 @@
 //! lock and hold nothing but their delivery. If the limiter's state cannot be
 //! read, jobs wait: it fails closed, never open.
 
+pub mod breaker;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

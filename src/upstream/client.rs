@@ -37,6 +37,7 @@ pub struct Client {
     url: String,
     api_key: Option<SecretString>,
     max_response_bytes: usize,
+    timeout: Duration,
 }
 
 impl Client {
@@ -54,7 +55,12 @@ impl Client {
             url: format!("{}/chat/completions", args.base_url.trim_end_matches('/')),
             api_key: args.api_key.clone(),
             max_response_bytes: args.max_response_bytes,
+            timeout: args.http_timeout(),
         })
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     pub fn url(&self) -> &str {

@@ -77,6 +77,8 @@ pub struct CallRecord {
     pub latency_ms: u64,
     /// Whether the request carried a bearer key.
     pub authorized: bool,
+    /// Requests being answered when this one arrived, itself included.
+    pub concurrent: u64,
 }
 
 #[derive(Default)]
@@ -208,11 +210,11 @@ fn error_body(status: StatusCode, message: &str, kind: &str, code: Option<&str>)
 async fn chat(State(state): State<MockState>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
     let arrived_ms = now_ms();
     let started = Instant::now();
-    let (config, _guard) = {
+    let (config, concurrent, _guard) = {
         let mut inner = state.inner.lock().unwrap();
         inner.in_flight += 1;
         inner.max_in_flight = inner.max_in_flight.max(inner.in_flight);
-        (inner.config.clone(), InFlight(state.clone()))
+        (inner.config.clone(), inner.in_flight, InFlight(state.clone()))
     };
     let request_id = format!("req_{}", uuid::Uuid::new_v4().simple());
     let authorized = headers
@@ -291,6 +293,7 @@ async fn chat(State(state): State<MockState>, headers: HeaderMap, body: axum::bo
             cached_tokens: 0,
             latency_ms: 0,
             authorized,
+            concurrent,
         });
         tokio::time::sleep(Duration::from_secs(3600)).await;
         return StatusCode::GATEWAY_TIMEOUT.into_response();
@@ -309,6 +312,7 @@ async fn chat(State(state): State<MockState>, headers: HeaderMap, body: axum::bo
         cached_tokens: 0,
         latency_ms,
         authorized,
+        concurrent,
     };
     let mut resp_headers = HeaderMap::new();
     resp_headers.insert("x-request-id", HeaderValue::from_str(&request_id).unwrap());

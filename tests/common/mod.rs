@@ -103,6 +103,7 @@ impl TestEnv {
             max_wait_seconds: 300.0,
             grace_seconds: 10.0,
             metrics_addr: "off".into(),
+            breaker: Default::default(),
         }
     }
 
