@@ -70,6 +70,8 @@ pub struct Pause {
     pub resume_when_budget_has: Option<rust_decimal::Decimal>,
     /// Paused by the shared circuit breaker: resume when it closes (or probe it).
     pub breaker: bool,
+    /// Paused because the database cannot be reached: resume when it answers.
+    pub database: bool,
 }
 
 /// How a delivery ends.
@@ -158,6 +160,32 @@ impl Worker {
         Ok(())
     }
 
+    fn pause_for_breaker(&self, view: &crate::limits::breaker::BreakerView) {
+        let reason = format!(
+            "circuit breaker {} since {}: {}",
+            view.state.replace('_', "-"),
+            view.since.map(|s| s.to_rfc3339()).unwrap_or_default(),
+            view.reason.clone().unwrap_or_default()
+        );
+        self.pause.send_if_modified(|p| match p {
+            Some(p) if p.breaker => {
+                let changed = p.reason != reason;
+                p.reason = reason.clone();
+                changed
+            }
+            Some(_) => false,
+            None => {
+                *p = Some(Pause {
+                    reason: reason.clone(),
+                    resume_when_budget_has: None,
+                    breaker: true,
+                    database: false,
+                });
+                true
+            }
+        });
+    }
+
     /// Pauses this replica while the shared breaker is not closed, and resumes
     /// it when the breaker closes.
     async fn follow_breaker(self: Arc<Self>) {
@@ -175,28 +203,7 @@ impl Worker {
                     ours
                 });
             } else {
-                let reason = format!(
-                    "circuit breaker {} since {}: {}",
-                    view.state.replace('_', "-"),
-                    view.since.map(|s| s.to_rfc3339()).unwrap_or_default(),
-                    view.reason.clone().unwrap_or_default()
-                );
-                self.pause.send_if_modified(|p| match p {
-                    Some(p) if p.breaker => {
-                        let changed = p.reason != reason;
-                        p.reason = reason.clone();
-                        changed
-                    }
-                    Some(_) => false,
-                    None => {
-                        *p = Some(Pause {
-                            reason: reason.clone(),
-                            resume_when_budget_has: None,
-                            breaker: true,
-                        });
-                        true
-                    }
-                });
+                self.pause_for_breaker(&view);
             }
             if rx.changed().await.is_err() {
                 return;
@@ -223,8 +230,12 @@ impl Worker {
         let mut pause_rx = self.pause.subscribe();
 
         'consume: loop {
-            // Paused (budget, breaker, account): take nothing until resumed.
+            // Paused (budget, breaker, account, database): take nothing until resumed.
             loop {
+                let view = self.breaker.view();
+                if !view.closed() {
+                    self.pause_for_breaker(&view);
+                }
                 let Some(pause) = pause_rx.borrow_and_update().clone() else {
                     break;
                 };
@@ -308,8 +319,20 @@ impl Worker {
     /// cooldown is over, this replica may win the one probe: it takes a single
     /// job with `basic.get` and calls with it.
     async fn try_resume(self: Arc<Self>, pause: &Pause, consume_ch: &Channel, publish_ch: &Channel) {
+        if pause.database {
+            if sqlx::query("SELECT 1").execute(&self.pool).await.is_ok() {
+                tracing::info!("database reachable again: resuming");
+                self.metrics.db_ok.store(true, Ordering::Relaxed);
+                self.pause.send_if_modified(|p| p.take().is_some());
+            }
+            return;
+        }
         if pause.breaker {
             let view = self.breaker.view();
+            if view.closed() {
+                self.pause.send_if_modified(|p| p.take().is_some());
+                return;
+            }
             let cooled = view.open_until.is_none_or(|u| u <= chrono::Utc::now());
             if view.state == "open" && cooled {
                 let lease = self.client_timeout() + Duration::from_secs(10);
@@ -433,7 +456,11 @@ impl Worker {
         loop {
             // Paused (breaker open, budget spent, account refused): hand the job
             // back without using an attempt. Only the breaker's probe goes on.
-            let paused = self.pause.borrow().is_some() || !self.breaker.view().closed();
+            let view = self.breaker.view();
+            if !view.closed() {
+                self.pause_for_breaker(&view);
+            }
+            let paused = self.pause.borrow().is_some();
             let probing = probe && !claimed;
             if paused && !probing {
                 if claimed {
@@ -457,6 +484,7 @@ impl Worker {
                             reason: reason.clone(),
                             resume_when_budget_has: Some(reservation.cost_usd),
                             breaker: false,
+                            database: false,
                         });
                         !was
                     });
@@ -482,7 +510,8 @@ impl Worker {
                         ..reservation.clone()
                     },
                 })
-                .await?
+                .await
+                .inspect_err(|e| self.database_failed(e))?
             {
                 Begin::Started { call_id, attempt } => {
                     claimed = true;
@@ -537,7 +566,7 @@ impl Worker {
                         end: JobEnd::Succeeded,
                         ..settlement
                     };
-                    self.settles.call(s).await?;
+                    self.settle(s).await?;
                     if self.fault.as_deref() == Some("exit-after-commit") {
                         tracing::warn!(job = %job.id, "SHEEPDOG_FAULT: exiting after the commit, before the ack");
                         std::process::exit(137);
@@ -552,7 +581,7 @@ impl Worker {
                         job_error: Some(json!({"code": "upstream_rejected", "message": reason})),
                         ..settlement
                     };
-                    self.settles.call(s).await?;
+                    self.settle(s).await?;
                     self.metrics.jobs_failed.fetch_add(1, Ordering::Relaxed);
                     log_done("failed");
                     return Ok(Settle::Ack);
@@ -572,18 +601,17 @@ impl Worker {
                             job_error: Some(json!({"code": "attempts_exhausted", "message": why})),
                             ..settlement
                         };
-                        self.settles.call(s).await?;
+                        self.settle(s).await?;
                         self.dead_letter(publish_ch, delivery, &why).await?;
                         self.metrics.jobs_failed.fetch_add(1, Ordering::Relaxed);
                         log_done("failed");
                         return Ok(Settle::Ack);
                     }
-                    self.settles
-                        .call(Settlement {
-                            end: JobEnd::Continue,
-                            ..settlement
-                        })
-                        .await?;
+                    self.settle(Settlement {
+                        end: JobEnd::Continue,
+                        ..settlement
+                    })
+                    .await?;
                     let short_wait = retry_after.is_none_or(|d| d <= Duration::from_secs(1));
                     match quick.next() {
                         Some(d) if short_wait => {
@@ -603,12 +631,11 @@ impl Worker {
                 Verdict::Paused { reason } => {
                     // The key or the balance: no job fails. Every replica pauses
                     // (through the shared breaker) until a probe passes.
-                    self.settles
-                        .call(Settlement {
-                            end: JobEnd::Continue,
-                            ..settlement
-                        })
-                        .await?;
+                    self.settle(Settlement {
+                        end: JobEnd::Continue,
+                        ..settlement
+                    })
+                    .await?;
                     tracing::error!(%reason, "the upstream refused the account: pausing every replica");
                     if !probe {
                         self.breaker.trip(&format!("account refused: {reason}")).await;
@@ -618,6 +645,44 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Writes a settlement, holding on to it through a database outage (for as
+    /// long as the claim's lease) rather than losing a call that was made.
+    async fn settle(&self, s: Settlement) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs_f64(self.args.lease_seconds.max(1.0));
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.settles.call(s.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(e) if std::time::Instant::now() < deadline => {
+                    self.database_failed(&e);
+                    tracing::warn!(job = %s.id, error = %e, "cannot record a result yet; holding it");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The database failed: take no new jobs until it answers again.
+    fn database_failed(&self, e: &anyhow::Error) {
+        if self.metrics.db_ok.swap(false, Ordering::Relaxed) {
+            tracing::error!(error = %e, "database unreachable: pausing this replica");
+        }
+        self.pause.send_if_modified(|p| {
+            if p.is_some() {
+                return false;
+            }
+            *p = Some(Pause {
+                reason: "database unreachable".into(),
+                resume_when_budget_has: None,
+                breaker: false,
+                database: true,
+            });
+            true
+        });
     }
 
     fn client_timeout(&self) -> Duration {
