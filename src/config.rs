@@ -121,7 +121,7 @@ pub struct LimitArgs {
     /// Seconds of a limit that may go at once.
     #[arg(long = "burst-seconds", env = "SHEEPDOG_BURST_SECONDS")]
     pub burst_seconds: Option<Decimal>,
-    /// Spend budget in USD, all replicas together.
+    /// Spend budget in USD, all replicas together (0: unlimited).
     #[arg(long = "budget-usd", env = "SHEEPDOG_BUDGET_USD")]
     pub budget_usd: Option<Decimal>,
     /// Budget period: day, month or total (UTC).

@@ -21,6 +21,33 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum DeadAction {
+    /// Show dead-lettered jobs and why (they stay in the queue).
+    List {
+        #[arg(long)]
+        batch: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        amqp: AmqpArgs,
+    },
+    /// Move dead-lettered jobs back to sheepdog.jobs (after fixing their cause).
+    Replay {
+        #[arg(long)]
+        batch: Option<String>,
+        #[arg(long, default_value_t = usize::MAX)]
+        limit: usize,
+        #[command(flatten)]
+        db: DbArgs,
+        #[command(flatten)]
+        amqp: AmqpArgs,
+    },
+}
+
+#[derive(Subcommand)]
 enum LimitsAction {
     /// Change limits; 0 means unlimited, an omitted flag keeps its value.
     Set {
@@ -62,6 +89,26 @@ enum Command {
     Limits {
         #[command(subcommand)]
         action: LimitsAction,
+    },
+    /// Inspect and replay dead-lettered jobs.
+    Dead {
+        #[command(subcommand)]
+        action: DeadAction,
+    },
+    /// Cost and tokens by day, model and batch.
+    Report {
+        /// First UTC day (YYYY-MM-DD), included.
+        #[arg(long)]
+        since: Option<chrono::NaiveDate>,
+        /// Last UTC day (YYYY-MM-DD), included.
+        #[arg(long)]
+        until: Option<chrono::NaiveDate>,
+        #[arg(long)]
+        batch: Option<String>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: commands::report::Format,
+        #[command(flatten)]
+        db: DbArgs,
     },
     /// Publish an OpenAI Batch input file (JSONL) as jobs.
     Enqueue {
@@ -248,6 +295,54 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tracing::info!(upstream = %w.client.url(), concurrency = worker.concurrency, "worker starting");
             w.run(shutdown).await?;
             tracing::info!("worker stopped");
+        }
+        Command::Dead { action } => match action {
+            DeadAction::List {
+                batch,
+                limit,
+                json,
+                amqp,
+            } => {
+                let rows = commands::dead::list(&amqp.amqp_url, batch.as_deref(), limit).await?;
+                if json {
+                    for r in &rows {
+                        println!("{}", serde_json::to_string(r)?);
+                    }
+                } else {
+                    println!("{:<24} {:<28} {:>8}  reason", "batch", "custom_id", "bytes");
+                    for r in &rows {
+                        println!(
+                            "{:<24} {:<28} {:>8}  {}",
+                            r.batch_id.as_deref().unwrap_or("-"),
+                            r.custom_id.as_deref().unwrap_or("-"),
+                            r.bytes,
+                            r.reason.as_deref().unwrap_or("-")
+                        );
+                    }
+                    println!("{} dead letter(s) shown", rows.len());
+                }
+            }
+            DeadAction::Replay { batch, limit, db, amqp } => {
+                let pool = sheepdog::store::connect(&db.database_url, 2).await?;
+                commands::require_schema(&pool).await?;
+                let r = commands::dead::replay(&pool, &amqp.amqp_url, batch.as_deref(), limit).await?;
+                println!(
+                    "{} replayed to sheepdog.jobs, {} left in sheepdog.dead",
+                    r.replayed, r.skipped
+                );
+            }
+        },
+        Command::Report {
+            since,
+            until,
+            batch,
+            format,
+            db,
+        } => {
+            let pool = sheepdog::store::connect(&db.database_url, 2).await?;
+            commands::require_schema(&pool).await?;
+            let rows = sheepdog::store::report::cost_report(&pool, since, until, batch.as_deref()).await?;
+            print!("{}", commands::report::render(&rows, format));
         }
         Command::Limits { action } => match action {
             LimitsAction::Set { limits, db } => {

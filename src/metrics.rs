@@ -26,6 +26,10 @@ pub struct Metrics {
     /// Why this replica is not taking jobs, when it is not.
     pub paused: Mutex<Option<String>>,
     pub limiter_wait_seconds: Mutex<f64>,
+    /// Budget left this period (None: no budget).
+    pub budget_left_usd: Mutex<Option<Decimal>>,
+    /// Messages ready in sheepdog's queues, by queue.
+    pub queue_depth: Mutex<BTreeMap<String, u32>>,
     breaker: Mutex<crate::limits::breaker::BreakerView>,
     calls: Mutex<BTreeMap<String, u64>>,
     by_model: Mutex<BTreeMap<String, ModelTotals>>,
@@ -186,6 +190,46 @@ impl Metrics {
         );
         c(
             &mut o,
+            "sheepdog_breaker_state",
+            "The shared circuit breaker: 1 for its current state.",
+            "gauge",
+        );
+        {
+            let b = self.breaker.lock().unwrap();
+            let cur = if b.state.is_empty() { "closed" } else { b.state.as_str() };
+            for st in ["closed", "open", "half_open"] {
+                let _ = writeln!(o, "sheepdog_breaker_state{{state=\"{st}\"}} {}", u8::from(cur == st));
+            }
+            if let Some(since) = b.since {
+                c(
+                    &mut o,
+                    "sheepdog_breaker_since_seconds",
+                    "Unix time the breaker entered its state.",
+                    "gauge",
+                );
+                let _ = writeln!(o, "sheepdog_breaker_since_seconds {}", since.timestamp());
+            }
+        }
+        if let Some(left) = *self.budget_left_usd.lock().unwrap() {
+            c(
+                &mut o,
+                "sheepdog_budget_left_usd",
+                "Spend budget left this period, all replicas together.",
+                "gauge",
+            );
+            let _ = writeln!(o, "sheepdog_budget_left_usd {left}");
+        }
+        c(
+            &mut o,
+            "sheepdog_queue_depth",
+            "Messages ready in sheepdog's queues.",
+            "gauge",
+        );
+        for (q, n) in self.queue_depth.lock().unwrap().iter() {
+            let _ = writeln!(o, "sheepdog_queue_depth{{queue=\"{q}\"}} {n}");
+        }
+        c(
+            &mut o,
             "sheepdog_paused",
             "1 while this replica takes no jobs (breaker, budget, auth).",
             "gauge",
@@ -211,11 +255,16 @@ impl Metrics {
     }
 }
 
-/// Serves `/healthz`, `/readyz` and `/metrics` until the task is dropped.
-pub async fn serve(addr: &str, metrics: std::sync::Arc<Metrics>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+/// Serves `/healthz`, `/readyz` and `/metrics` in the background; returns the
+/// task and the address it listens on (port 0 picks a free one).
+pub async fn serve(
+    addr: &str,
+    metrics: std::sync::Arc<Metrics>,
+) -> anyhow::Result<(tokio::task::JoinHandle<()>, std::net::SocketAddr)> {
     use axum::http::StatusCode;
     use axum::routing::get;
     let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
     let m1 = metrics.clone();
     let m2 = metrics;
     let app = axum::Router::new()
@@ -244,7 +293,8 @@ pub async fn serve(addr: &str, metrics: std::sync::Arc<Metrics>) -> anyhow::Resu
                 }
             }),
         );
-    Ok(tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
-    }))
+    });
+    Ok((task, local))
 }

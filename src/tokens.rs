@@ -63,6 +63,20 @@ pub fn prompt_tokens(body: &Map<String, Value>) -> u64 {
     n
 }
 
+/// The prompt tokens to reserve for a job: the estimate plus a margin, wider
+/// for models whose own tokenizer is not OpenAI's (Claude, Gemini, DeepSeek
+/// count the same text differently), so a reservation stays a worst case.
+pub fn prompt_reservation(model: &str, estimate: u64) -> u64 {
+    let openai = ["gpt-", "o1", "o3", "o4", "chatgpt-"]
+        .iter()
+        .any(|p| model.starts_with(p));
+    if openai {
+        estimate + estimate / 10 + 4
+    } else {
+        estimate + estimate * 2 / 5 + 8
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -228,6 +228,7 @@ impl Worker {
         self.metrics.amqp_connected.store(true, Ordering::Relaxed);
         *backoff = Duration::from_millis(200);
         let mut pause_rx = self.pause.subscribe();
+        let gauges = tokio::spawn(self.clone().gauges(conn.create_channel().await?));
 
         'consume: loop {
             // Paused (budget, breaker, account, database): take nothing until resumed.
@@ -285,8 +286,18 @@ impl Worker {
             let _ = consume_ch
                 .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
                 .await;
-            while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(200), consumer.next()).await {
-                let _ = d.nack(requeue()).await;
+            // Read the stream to its end (the cancel-ok): a delivery left unread
+            // would stay unacked on this channel for good.
+            let drained = tokio::time::timeout(Duration::from_secs(5), async {
+                while let Some(d) = consumer.next().await {
+                    if let Ok(d) = d {
+                        let _ = d.nack(requeue()).await;
+                    }
+                }
+            })
+            .await;
+            if drained.is_err() && !stop_shutdown {
+                anyhow::bail!("the consumer did not end after basic.cancel; reconnecting so nothing stays unacked");
             }
             if stop_shutdown {
                 break;
@@ -310,8 +321,30 @@ impl Worker {
                 let _ = store::release(&self.pool, &id, token).await;
             }
         }
+        gauges.abort();
         let _ = conn.close(200, "shutdown".into()).await;
         Ok(())
+    }
+
+    /// Keeps the queue-depth and budget gauges current for `/metrics`.
+    async fn gauges(self: Arc<Self>, ch: Channel) {
+        loop {
+            for q in [JOBS_QUEUE, DEAD_QUEUE] {
+                let passive = lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                };
+                if let Ok(info) = ch.queue_declare(q.into(), passive, FieldTable::default()).await {
+                    self.metrics
+                        .queue_depth
+                        .lock()
+                        .unwrap()
+                        .insert(q.to_string(), info.message_count());
+                }
+            }
+            *self.metrics.budget_left_usd.lock().unwrap() = self.limiter.settings().budget_left;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
     }
 
     /// Ends a pause once its cause has gone: the budget has room again (the
@@ -418,7 +451,7 @@ impl Worker {
         };
 
         let body = job.upstream_body(self.args.default_max_tokens);
-        let prompt_estimate = crate::tokens::prompt_tokens(&body);
+        let prompt_estimate = crate::tokens::prompt_reservation(&job.model, crate::tokens::prompt_tokens(&body));
         let max_completion = job.max_tokens().unwrap_or(self.args.default_max_tokens) as u64;
         let reservation = Reservation {
             tokens: (prompt_estimate + max_completion) as i64,
@@ -470,12 +503,24 @@ impl Worker {
             }
             // The global limits: one request, the worst-case tokens and cost.
             let max_wait = Duration::from_secs_f64(self.args.max_wait_seconds.max(1.0));
-            let period = match self
+            let waiting = std::time::Instant::now();
+            let acquired = self
                 .limiter
                 .acquire(token, reservation.tokens, reservation.cost_usd, max_wait)
-                .await
-            {
-                Acquired::Granted { period } => period,
+                .await;
+            *self.metrics.limiter_wait_seconds.lock().unwrap() += waiting.elapsed().as_secs_f64();
+            let period = match acquired {
+                Acquired::Granted { period } => {
+                    // The breaker may have opened while this job waited its turn.
+                    if self.pause.borrow().is_some() || !self.breaker.view().closed() {
+                        self.limiter.give_back(token, reservation.tokens).await;
+                        if claimed {
+                            store::release(&self.pool, &job.id, token).await?;
+                        }
+                        return Ok(Settle::Requeue);
+                    }
+                    period
+                }
                 Acquired::BudgetExhausted { reason, retry_in } => {
                     tracing::warn!(%reason, retry_in_s = retry_in.as_secs(), "budget exhausted: pausing this replica");
                     self.pause.send_if_modified(|p| {

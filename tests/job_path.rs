@@ -413,3 +413,25 @@ async fn enqueue_reports_bad_lines_and_duplicates_by_line_number() {
         2
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_busy_elsewhere_goes_round_the_retry_queue_until_it_can_be_claimed_and_is_never_dropped() {
+    let env = TestEnv::new(MockConfig::default()).await;
+    // Another worker holds a live claim for 11 s (as after a kill -9), so this
+    // copy must go round the 5 s retry queue twice, a cycle RabbitMQ would drop
+    // if the message still carried its x-death history.
+    sqlx::query(
+        "INSERT INTO sheepdog.jobs (batch_id, custom_id, status, model, attempts, claim_token, lease_until)
+         VALUES ('default', 'held', 'running', 'gpt-4o', 0, gen_random_uuid(), now() + interval '11 seconds')",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    env.publish(job_line("held", "gpt-4o", "hi").to_string().as_bytes())
+        .await;
+    let w = env.spawn_worker("w").await;
+    let s = env.wait_batch("default", Duration::from_secs(45)).await;
+    assert_eq!(s.succeeded, 1);
+    assert_eq!(env.mock.state.call_count(), 1);
+    w.stop().await;
+}

@@ -18,12 +18,12 @@ pub const DEAD_QUEUE: &str = "sheepdog.dead";
 pub const ERROR_HEADER: &str = "x-sheepdog-error";
 /// Header counting how often a job went round the retry queues.
 pub const RETRIES_HEADER: &str = "x-sheepdog-retries";
-/// Delay tiers: a message published to `sheepdog.retry.<N>s` comes back to
+/// Delay tiers: a message published to `sheepdog.delay.<N>s` comes back to
 /// `sheepdog.jobs` after N seconds.
 pub const RETRY_TIERS_SECONDS: &[u64] = &[1, 5, 30, 120, 600];
 
 pub fn retry_queue(seconds: u64) -> String {
-    format!("sheepdog.retry.{seconds}s")
+    format!("sheepdog.delay.{seconds}s")
 }
 
 /// The shortest tier at least `delay` long (the longest tier past it).
@@ -69,9 +69,16 @@ pub async fn declare_topology(channel: &Channel) -> anyhow::Result<()> {
     dead.insert(ShortString::from("x-queue-type"), str_value("quorum"));
     channel.queue_declare(DEAD_QUEUE.into(), durable, dead).await?;
 
+    // The delay tiers are quorum queues with at-least-once dead-lettering: an
+    // expired message moves back to `sheepdog.jobs` only once that queue has
+    // confirmed it. (A classic queue dead-letters at most once: a message that
+    // expires while `sheepdog.jobs` is unavailable, as during a broker restart,
+    // is dropped. The fault suite lost jobs that way.)
     for secs in RETRY_TIERS_SECONDS {
         let mut args = FieldTable::default();
-        args.insert(ShortString::from("x-queue-type"), str_value("classic"));
+        args.insert(ShortString::from("x-queue-type"), str_value("quorum"));
+        args.insert(ShortString::from("x-dead-letter-strategy"), str_value("at-least-once"));
+        args.insert(ShortString::from("x-overflow"), str_value("reject-publish"));
         args.insert(
             ShortString::from("x-message-ttl"),
             AMQPValue::LongLongInt((*secs * 1000) as i64),
@@ -168,9 +175,22 @@ pub fn header_u32(props: &BasicProperties, key: &str) -> Option<u32> {
     }
 }
 
-/// The headers of `props` with `set` applied.
+/// The headers of `props` with `set` applied, for a message we publish anew.
+///
+/// The broker's own dead-letter history (`x-death`, `x-first-death-*`,
+/// `x-last-death-*`) is dropped: a message that carries it into a retry queue a
+/// second time looks like a dead-letter cycle to RabbitMQ, which then silently
+/// DROPS it when its TTL expires. The fault suite caught exactly that.
 pub fn headers_with(props: &BasicProperties, set: &[(&str, AMQPValue)]) -> FieldTable {
-    let mut h = props.headers().clone().unwrap_or_default();
+    let mut h = FieldTable::default();
+    if let Some(old) = props.headers() {
+        for (k, v) in old.inner() {
+            let k_str = k.as_str();
+            if k_str != "x-death" && !k_str.starts_with("x-first-death-") && !k_str.starts_with("x-last-death-") {
+                h.insert(k.clone(), v.clone());
+            }
+        }
+    }
     for (k, v) in set {
         h.insert(ShortString::from(k.to_string()), v.clone());
     }

@@ -21,6 +21,9 @@ pub async fn run(
     println!("1/5 migrate: database and queues");
     let pool = super::migrate(database_url, amqp_url).await?;
 
+    upstream.api_key = upstream
+        .api_key
+        .filter(|k| !secrecy::ExposeSecret::expose_secret(k).is_empty());
     let _mock = if upstream.api_key.is_none() {
         let mock = MockServer::start(
             "127.0.0.1:0",

@@ -1,8 +1,10 @@
 //! The commands of the `sheepdog` binary.
 
 pub mod bench;
+pub mod dead;
 pub mod demo;
 pub mod enqueue;
+pub mod report;
 pub mod status;
 
 use std::sync::Arc;

@@ -31,6 +31,8 @@ pub struct Settings {
     pub budget_period: String,
     /// Seconds left of a shared pause (a 429's Retry-After), if one is on.
     pub paused_for: Option<f64>,
+    /// What the budget has left this period, when there is a budget.
+    pub budget_left: Option<Decimal>,
 }
 
 impl Settings {
@@ -58,11 +60,10 @@ pub struct Limiter {
     pool: PgPool,
     settings: watch::Receiver<Settings>,
     gate: tokio::sync::Mutex<()>,
-    /// Seconds jobs spent waiting, for metrics.
-    pub waited: std::sync::Mutex<f64>,
 }
 
 pub async fn read_settings(pool: &PgPool) -> sqlx::Result<Settings> {
+    #[allow(clippy::type_complexity)]
     let row: (
         Option<Decimal>,
         Option<Decimal>,
@@ -70,10 +71,14 @@ pub async fn read_settings(pool: &PgPool) -> sqlx::Result<Settings> {
         Option<Decimal>,
         String,
         Option<f64>,
+        Option<Decimal>,
     ) = sqlx::query_as(
-        "SELECT rpm, tpm, burst_seconds, budget_usd, budget_period,
-                CASE WHEN paused_until > now() THEN extract(epoch FROM paused_until - now())::float8 END
-           FROM sheepdog.limits WHERE id = 1",
+        "SELECT l.rpm, l.tpm, l.burst_seconds, l.budget_usd, l.budget_period,
+                    CASE WHEN l.paused_until > now() THEN extract(epoch FROM l.paused_until - now())::float8 END,
+                    l.budget_usd - coalesce(b.spent, 0) - coalesce(b.reserved, 0)
+               FROM sheepdog.limits l
+               LEFT JOIN sheepdog.budget b ON b.period_key = sheepdog.budget_period_key(l.budget_period, now())
+              WHERE l.id = 1",
     )
     .fetch_one(pool)
     .await?;
@@ -84,6 +89,7 @@ pub async fn read_settings(pool: &PgPool) -> sqlx::Result<Settings> {
         budget_usd: row.3,
         budget_period: row.4,
         paused_for: row.5,
+        budget_left: row.6,
     })
 }
 
@@ -104,7 +110,7 @@ pub async fn apply(pool: &PgPool, l: &LimitArgs) -> anyhow::Result<()> {
         anyhow::ensure!(b > Decimal::ZERO, "burst seconds must be positive");
     }
     let unset = |v: &Option<Decimal>| v.map(|v| if v.is_zero() { None } else { Some(v) });
-    let (rpm, tpm, budget) = (unset(&l.rpm), unset(&l.tpm), l.budget_usd.map(Some));
+    let (rpm, tpm, budget) = (unset(&l.rpm), unset(&l.tpm), unset(&l.budget_usd));
     sqlx::query(
         "UPDATE sheepdog.limits SET
             rpm = CASE WHEN $1 THEN $2 ELSE rpm END,
@@ -154,7 +160,6 @@ impl Limiter {
             pool,
             settings: rx,
             gate: tokio::sync::Mutex::new(()),
-            waited: Default::default(),
         }))
     }
 
@@ -200,7 +205,6 @@ impl Limiter {
             let jitter = Duration::from_micros(rand::rng().random_range(0..2000));
             tokio::time::sleep(wait + jitter).await;
         };
-        *self.waited.lock().unwrap() += started.elapsed().as_secs_f64();
         result
     }
 

@@ -326,6 +326,21 @@ pub async fn settle_many(pool: &PgPool, items: Vec<Settlement>) -> sqlx::Result<
     Ok(vec![(); n])
 }
 
+/// Makes a failed job claimable again (`dead replay`): its result and error are
+/// cleared; its attempts and cost so far stay, since those calls happened.
+pub async fn reopen_failed(pool: &PgPool, id: &JobId) -> sqlx::Result<bool> {
+    let r = sqlx::query(
+        "UPDATE sheepdog.jobs SET status = 'queued', error = NULL, response = NULL, finished_at = NULL,
+                status_code = NULL, claim_token = NULL, lease_until = NULL
+          WHERE batch_id = $1 AND custom_id = $2 AND status = 'failed'",
+    )
+    .bind(&id.batch_id)
+    .bind(&id.custom_id)
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected() > 0)
+}
+
 /// Hands the job back (its message goes back to the queue): the claim ends
 /// without a result, so any replica may take it.
 pub async fn release(pool: &PgPool, id: &JobId, token: Uuid) -> sqlx::Result<()> {

@@ -129,3 +129,36 @@ pub fn export_rows<'a>(pool: &'a PgPool, batch_id: &'a str) -> impl Stream<Item 
     .bind(batch_id)
     .fetch(pool)
 }
+
+/// One row of `sheepdog report`: cost and tokens of a day, model and batch.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct CostRow {
+    pub day: chrono::NaiveDate,
+    pub model: String,
+    pub batch_id: String,
+    pub calls: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cost_usd: Decimal,
+}
+
+/// `sheepdog.cost_daily` between two UTC days (both included), optionally for one batch.
+pub async fn cost_report(
+    pool: &PgPool,
+    since: Option<chrono::NaiveDate>,
+    until: Option<chrono::NaiveDate>,
+    batch: Option<&str>,
+) -> sqlx::Result<Vec<CostRow>> {
+    sqlx::query_as(
+        r#"SELECT day, model, batch_id, calls, prompt_tokens, completion_tokens, cost_usd
+             FROM sheepdog.cost_daily
+            WHERE ($1::date IS NULL OR day >= $1) AND ($2::date IS NULL OR day <= $2)
+              AND ($3::text IS NULL OR batch_id = $3)
+            ORDER BY day, model, batch_id"#,
+    )
+    .bind(since)
+    .bind(until)
+    .bind(batch)
+    .fetch_all(pool)
+    .await
+}

@@ -53,7 +53,8 @@ impl Client {
         Ok(Client {
             http,
             url: format!("{}/chat/completions", args.base_url.trim_end_matches('/')),
-            api_key: args.api_key.clone(),
+            // An empty HOLYSHEEP_API_KEY is no key.
+            api_key: args.api_key.clone().filter(|k| !k.expose_secret().is_empty()),
             max_response_bytes: args.max_response_bytes,
             timeout: args.http_timeout(),
         })

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::future::Future;
 use std::process::Command;
 use std::sync::Arc;
@@ -210,6 +212,11 @@ impl TestEnv {
 
 impl Drop for TestEnv {
     fn drop(&mut self) {
+        // SHEEPDOG_TEST_KEEP=1 leaves the database and vhost for a post-mortem.
+        if std::env::var("SHEEPDOG_TEST_KEEP").is_ok() {
+            eprintln!("kept database and vhost {}", self.name);
+            return;
+        }
         let _ = Command::new("rabbitmqctl").args(["delete_vhost", &self.name]).output();
         let _ = Command::new("psql")
             .args([
@@ -258,4 +265,108 @@ fn tracing_subscriber_init() -> Result<(), ()> {
             .try_init();
     }
     Ok(())
+}
+
+/// A worker as a separate process (the real binary), for kill -9.
+pub fn spawn_worker_process(env: &TestEnv, extra: &[(&str, String)]) -> tokio::process::Child {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sheepdog"));
+    cmd.arg("worker")
+        .env("DATABASE_URL", secrecy::ExposeSecret::expose_secret(&env.db_url))
+        .env("AMQP_URL", secrecy::ExposeSecret::expose_secret(&env.amqp_url))
+        .env("HOLYSHEEP_BASE_URL", env.mock.base_url())
+        .env("SHEEPDOG_METRICS_ADDR", "off")
+        .env("SHEEPDOG_CONCURRENCY", "16")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true);
+    // SHEEPDOG_TEST_LOGS=DIR keeps each worker process's log, for a failing run.
+    match std::env::var("SHEEPDOG_TEST_LOGS") {
+        Ok(dir) => {
+            let path = std::path::Path::new(&dir).join(format!("{}-{}.log", env.name, uuid::Uuid::new_v4().simple()));
+            cmd.stderr(std::fs::File::create(path).expect("log file"))
+                .env("RUST_LOG", "info");
+        }
+        Err(_) => {
+            cmd.stderr(std::process::Stdio::null());
+        }
+    }
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("worker process")
+}
+
+/// What the fault tests check at the end of every run, from the views and from
+/// the mock's own record of the calls it answered.
+#[derive(Debug)]
+pub struct Audit {
+    pub jobs: i64,
+    pub succeeded: i64,
+    pub ledger_rows: i64,
+    pub unknown_rows: i64,
+    pub pending_rows: i64,
+    pub mock_calls: usize,
+    /// Jobs the upstream was called for more than once.
+    pub called_twice: i64,
+}
+
+impl TestEnv {
+    pub async fn audit(&self, batch: &str, expected_jobs: i64) -> Audit {
+        let q = |sql: &str| {
+            let pool = self.pool.clone();
+            let sql = sql.to_string();
+            let batch = batch.to_string();
+            async move {
+                sqlx::query_scalar::<_, i64>(&sql)
+                    .bind(batch)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+            }
+        };
+        let a = Audit {
+            jobs: q("SELECT count(*) FROM sheepdog.job_results WHERE batch_id = $1").await,
+            succeeded: q("SELECT count(*) FROM sheepdog.job_results WHERE batch_id = $1 AND status = 'succeeded'").await,
+            ledger_rows: q("SELECT count(*) FROM sheepdog.llm_calls WHERE batch_id = $1").await,
+            unknown_rows: q("SELECT count(*) FROM sheepdog.llm_calls WHERE batch_id = $1 AND outcome = 'unknown'").await,
+            pending_rows: q("SELECT count(*) FROM sheepdog.llm_calls WHERE batch_id = $1 AND outcome = 'pending'").await,
+            mock_calls: self.mock.state.call_count(),
+            called_twice: q("SELECT count(*) FROM (SELECT 1 FROM sheepdog.llm_calls WHERE batch_id = $1 GROUP BY custom_id HAVING count(*) > 1) x").await,
+        };
+        // No job lost, one result per job (the primary key makes two impossible).
+        assert_eq!((a.jobs, a.succeeded), (expected_jobs, expected_jobs), "{a:?}");
+        assert_eq!(a.pending_rows, 0, "{a:?}");
+        // Every call the upstream answered is in the ledger: by its request id, or
+        // as an `unknown` row (answered after its worker died).
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT upstream_request_id FROM sheepdog.llm_calls WHERE batch_id = $1 AND upstream_request_id IS NOT NULL",
+        )
+        .bind(batch)
+        .fetch_all(&self.pool)
+        .await
+        .unwrap();
+        let known: std::collections::HashSet<String> = ids.into_iter().collect();
+        let missing = self
+            .mock
+            .state
+            .calls()
+            .iter()
+            .filter(|c| !known.contains(&c.request_id))
+            .count() as i64;
+        assert!(
+            missing <= a.unknown_rows,
+            "{missing} answered calls are not in the ledger: {a:?}"
+        );
+        // The job's cost covers all its calls.
+        let gap: rust_decimal::Decimal = sqlx::query_scalar(
+            "SELECT coalesce(sum(j.cost_usd), 0) - (SELECT coalesce(sum(cost_usd), 0) FROM sheepdog.llm_calls WHERE batch_id = $1)
+               FROM sheepdog.job_results j WHERE j.batch_id = $1",
+        )
+        .bind(batch)
+        .fetch_one(&self.pool)
+        .await
+        .unwrap();
+        assert_eq!(gap, rust_decimal::Decimal::ZERO, "job costs equal the ledger");
+        a
+    }
 }

@@ -1,0 +1,100 @@
+//! A small TCP fault proxy (this kernel has no netem): put it between sheepdog
+//! and RabbitMQ, Postgres or the upstream to cut live connections, refuse new
+//! ones, or stall the bytes in flight.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::AbortHandle;
+
+#[derive(Default)]
+struct State {
+    refuse: AtomicBool,
+    stall: AtomicBool,
+    conns: Mutex<Vec<AbortHandle>>,
+}
+
+pub struct Proxy {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    accept: AbortHandle,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(State::default());
+        let st = state.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                if st.refuse.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let Ok(outbound) = TcpStream::connect(target).await else {
+                    continue;
+                };
+                let _ = inbound.set_nodelay(true);
+                let _ = outbound.set_nodelay(true);
+                let (ri, wi) = inbound.into_split();
+                let (ro, wo) = outbound.into_split();
+                let s1 = st.clone();
+                let s2 = st.clone();
+                let t = tokio::spawn(async move {
+                    tokio::select! {
+                        _ = pipe(ri, wo, s1) => {}
+                        _ = pipe(ro, wi, s2) => {}
+                    }
+                });
+                st.conns.lock().unwrap().push(t.abort_handle());
+            }
+        })
+        .abort_handle();
+        Proxy { addr, state, accept }
+    }
+
+    /// Drops every live connection at once, both ways (like a network cut).
+    pub fn cut(&self) {
+        for c in self.state.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    /// Refuses (accepts and drops) new connections while `down`; with `cut`, an outage.
+    pub fn set_down(&self, down: bool) {
+        self.state.refuse.store(down, Ordering::SeqCst);
+    }
+
+    /// Holds every byte in flight while stalled.
+    pub fn set_stall(&self, stall: bool) {
+        self.state.stall.store(stall, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+async fn pipe(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, st: Arc<State>) {
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while st.stall.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! What ops and analysts rely on: metrics and health, reports that match the
+//! ledger, dead-letter replay, and the read-only analyst role.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{job_line, wait_for, TestEnv};
+use rust_decimal::Decimal;
+use serde_json::Value;
+use sheepdog::commands::report::{render, Format};
+use sheepdog::upstream::mock::MockConfig;
+
+async fn get(url: &str) -> (u16, String) {
+    let r = reqwest::get(url).await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_during_a_run_and_readyz_turns_unready_when_the_breaker_opens() {
+    let env = TestEnv::new(MockConfig {
+        latency_ms_min: 20,
+        latency_ms_max: 40,
+        ..Default::default()
+    })
+    .await;
+    let mut args = env.worker_args();
+    args.concurrency = 4;
+    args.breaker.min_calls = 3;
+    args.breaker.window_seconds = 2.0;
+    args.breaker.cooldown_seconds = 30.0;
+    let w = env.spawn_worker_with("m", args).await;
+    let (_server, addr) = sheepdog::metrics::serve("127.0.0.1:0", w.metrics.clone())
+        .await
+        .unwrap();
+    let base = format!("http://{addr}");
+    assert_eq!(get(&format!("{base}/healthz")).await.0, 200);
+    let m = w.metrics.clone();
+    wait_for(Duration::from_secs(10), "the replica to connect", || {
+        let m = m.clone();
+        async move { m.ready().is_ok().then_some(()) }
+    })
+    .await;
+    assert_eq!(get(&format!("{base}/readyz")).await.0, 200);
+
+    let lines: Vec<Value> = (0..200)
+        .map(|i| job_line(&format!("m-{i}"), "gpt-4o", &format!("q{i}")))
+        .collect();
+    env.enqueue_lines("metrics", &lines).await;
+    let first = wait_for(Duration::from_secs(20), "jobs to start finishing", || {
+        let b = base.clone();
+        async move {
+            let (_, text) = get(&format!("{b}/metrics")).await;
+            let n = metric(&text, "sheepdog_jobs_total{outcome=\"succeeded\"}");
+            (n > 0.0).then_some(text)
+        }
+    })
+    .await;
+    env.wait_batch("metrics", Duration::from_secs(60)).await;
+    let (_, last) = get(&format!("{base}/metrics")).await;
+    let ok = |t: &str| metric(t, "sheepdog_jobs_total{outcome=\"succeeded\"}");
+    assert!(ok(&last) > ok(&first), "the counter moved");
+    assert_eq!(ok(&last), 200.0);
+    assert_eq!(metric(&last, "sheepdog_upstream_calls_total{outcome=\"ok\"}"), 200.0);
+    assert_eq!(metric(&last, "sheepdog_upstream_latency_seconds_count"), 200.0);
+    let cost = metric(&last, "sheepdog_cost_usd_total{model=\"gpt-4o\"}");
+    let ledger: Decimal = sqlx::query_scalar("SELECT sum(cost_usd) FROM sheepdog.llm_calls")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        Decimal::from_str_exact(&cost.to_string()).unwrap().round_dp(9),
+        ledger.round_dp(9)
+    );
+    assert_eq!(metric(&last, "sheepdog_breaker_state{state=\"closed\"}"), 1.0);
+
+    // The upstream fails: the breaker opens and the replica says it is not ready.
+    env.mock.state.update(|c| c.mode = "fail".into());
+    let more: Vec<Value> = (0..20).map(|i| job_line(&format!("f-{i}"), "gpt-4o", "x")).collect();
+    env.enqueue_lines("failing", &more).await;
+    let b = base.clone();
+    let body = wait_for(Duration::from_secs(20), "/readyz to turn unready", || {
+        let b = b.clone();
+        async move {
+            let (code, body) = get(&format!("{b}/readyz")).await;
+            (code == 503).then_some(body)
+        }
+    })
+    .await;
+    assert!(body.contains("circuit breaker open"), "{body}");
+    let (_, text) = get(&format!("{base}/metrics")).await;
+    assert_eq!(metric(&text, "sheepdog_breaker_state{state=\"open\"}"), 1.0);
+    assert_eq!(metric(&text, "sheepdog_paused"), 1.0);
+    assert_eq!(
+        env.count("SELECT count(*) FROM sheepdog.job_results WHERE status = 'failed'")
+            .await,
+        0
+    );
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_turns_unready_when_the_budget_is_spent() {
+    let env = TestEnv::new(MockConfig::default()).await;
+    sheepdog::limits::apply(
+        &env.pool,
+        &sheepdog::config::LimitArgs {
+            budget_usd: Some("0.001".parse().unwrap()),
+            budget_period: Some("day".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let w = env.spawn_worker("b").await;
+    let (_server, addr) = sheepdog::metrics::serve("127.0.0.1:0", w.metrics.clone())
+        .await
+        .unwrap();
+    let lines: Vec<Value> = (0..40)
+        .map(|i| job_line(&format!("b-{i}"), "gpt-4o", &format!("q{i}")))
+        .collect();
+    env.enqueue_lines("budget", &lines).await;
+    let body = wait_for(Duration::from_secs(20), "/readyz to say the budget is spent", || {
+        let url = format!("http://{addr}/readyz");
+        async move {
+            let (code, body) = get(&url).await;
+            (code == 503 && body.contains("budget")).then_some(body)
+        }
+    })
+    .await;
+    assert!(body.contains("budget exhausted until"), "{body}");
+    let (_, text) = get(&format!("http://{addr}/metrics")).await;
+    assert_eq!(metric(&text, "sheepdog_paused"), 1.0);
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_sums_match_the_ledger_to_the_micro_dollar() {
+    let env = TestEnv::new(MockConfig {
+        cached_percent: 30,
+        ..Default::default()
+    })
+    .await;
+    let models = ["gpt-4.1", "deepseek-v3.2", "claude-sonnet-4.5"];
+    let a: Vec<Value> = (0..60)
+        .map(|i| job_line(&format!("a-{i}"), models[i % 3], &format!("report {i}")))
+        .collect();
+    let b: Vec<Value> = (0..30)
+        .map(|i| job_line(&format!("b-{i}"), models[i % 2], &format!("other {i}")))
+        .collect();
+    env.enqueue_lines("rep-a", &a).await;
+    env.enqueue_lines("rep-b", &b).await;
+    let w = env.spawn_worker("r").await;
+    env.wait_batch("rep-a", Duration::from_secs(60)).await;
+    env.wait_batch("rep-b", Duration::from_secs(60)).await;
+    w.stop().await;
+
+    let ledger: Decimal = sqlx::query_scalar("SELECT sum(cost_usd) FROM sheepdog.llm_calls")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    let rows = sheepdog::store::report::cost_report(&env.pool, None, None, None)
+        .await
+        .unwrap();
+    assert_eq!(rows.iter().map(|r| r.cost_usd).sum::<Decimal>(), ledger);
+    assert_eq!(rows.len(), 5, "one row per day, model and batch");
+    // JSON and CSV carry the same exact figures.
+    let json: Value = serde_json::from_str(&render(&rows, Format::Json)).unwrap();
+    assert_eq!(
+        json["total"]["cost_usd"].as_str().unwrap().parse::<Decimal>().unwrap(),
+        ledger
+    );
+    let csv = render(&rows, Format::Csv);
+    let csv_total: Decimal = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.rsplit(',').next().unwrap().parse::<Decimal>().unwrap())
+        .sum();
+    assert_eq!(csv_total, ledger);
+    let one = sheepdog::store::report::cost_report(&env.pool, None, None, Some("rep-b"))
+        .await
+        .unwrap();
+    let b_ledger: Decimal = sqlx::query_scalar("SELECT sum(cost_usd) FROM sheepdog.llm_calls WHERE batch_id = 'rep-b'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(one.iter().map(|r| r.cost_usd).sum::<Decimal>(), b_ledger);
+    assert!(render(&rows, Format::Table).contains("total"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_brings_a_dead_lettered_job_to_succeeded_after_its_cause_is_fixed() {
+    let env = TestEnv::new(MockConfig::default()).await;
+    // A model the price table does not know yet: the job fails before any call.
+    env.enqueue_lines(
+        "late",
+        &[
+            job_line("new-1", "brand-new-model", "hi"),
+            job_line("ok-1", "gpt-4o", "hi"),
+        ],
+    )
+    .await;
+    let w = env.spawn_worker("before").await;
+    env.wait_batch("late", Duration::from_secs(30)).await;
+    w.stop().await;
+    assert_eq!(
+        env.count("SELECT count(*) FROM sheepdog.job_results WHERE status = 'failed'")
+            .await,
+        1
+    );
+    let dead = sheepdog::commands::dead::list(&env.amqp_url, Some("late"), 10)
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].reason.as_deref().unwrap().contains("has no price"));
+    let e = &env;
+    wait_for(
+        Duration::from_secs(10),
+        "list to leave the dead letter in place",
+        || async move { (e.queue_depth("sheepdog.dead").await == 1).then_some(()) },
+    )
+    .await;
+
+    // The fix: a price file that knows the model.
+    let prices = std::env::temp_dir().join(format!("{}-prices.json", env.name));
+    let mut table: Value = serde_json::from_str(sheepdog::prices::BUILT_IN).unwrap();
+    table["brand-new-model"] = serde_json::json!({"input_cost_per_token": 1e-06, "output_cost_per_token": 2e-06});
+    std::fs::write(&prices, table.to_string()).unwrap();
+    let mut args = env.worker_args();
+    args.prices = Some(prices.clone());
+    let w = env.spawn_worker_with("after", args).await;
+    let r = sheepdog::commands::dead::replay(&env.pool, &env.amqp_url, Some("late"), usize::MAX)
+        .await
+        .unwrap();
+    assert_eq!(r.replayed, 1);
+    let s = env.wait_batch("late", Duration::from_secs(30)).await;
+    assert_eq!((s.succeeded, s.failed), (2, 0));
+    assert_eq!(env.queue_depth("sheepdog.dead").await, 0);
+    w.stop().await;
+    let _ = std::fs::remove_file(prices);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_analyst_role_sees_the_views_and_not_the_tables() {
+    let env = TestEnv::new(MockConfig::default()).await;
+    let mut tx = env.pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL ROLE sheepdog_analyst")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    for view in ["job_results", "llm_calls", "cost_daily", "batch_summary", "limit_usage"] {
+        sqlx::query(&format!("SELECT * FROM sheepdog.{view} LIMIT 1"))
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap_or_else(|e| panic!("{view}: {e}"));
+    }
+    let denied = sqlx::query("SELECT * FROM sheepdog.jobs LIMIT 1")
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap_err();
+    assert!(denied.to_string().contains("permission denied"), "{denied}");
+}
