@@ -367,16 +367,20 @@ impl Worker {
                 return;
             }
             let cooled = view.open_until.is_none_or(|u| u <= chrono::Utc::now());
-            if view.state == "open" && cooled {
+            // Half-open with a prober that died: the database hands the probe on
+            // once its lease is over.
+            if (view.state == "open" && cooled) || view.state == "half_open" {
                 let lease = self.client_timeout() + Duration::from_secs(10);
                 if self.breaker.claim_probe(lease).await {
-                    match consume_ch
+                    if let Ok(Some(m)) = consume_ch
                         .basic_get(JOBS_QUEUE.into(), lapin::options::BasicGetOptions { no_ack: false })
                         .await
                     {
-                        Ok(Some(m)) => self.clone().handle(m.delivery, publish_ch.clone(), true).await,
-                        _ => self.breaker.release_probe().await,
+                        self.clone().handle(m.delivery, publish_ch.clone(), true).await;
                     }
+                    // A probe that reached no verdict (no job, or the job went back)
+                    // hands the breaker back to `open`; after a verdict this does nothing.
+                    self.breaker.release_probe().await;
                 }
             }
             return;
@@ -512,7 +516,9 @@ impl Worker {
             let period = match acquired {
                 Acquired::Granted { period } => {
                     // The breaker may have opened while this job waited its turn.
-                    if self.pause.borrow().is_some() || !self.breaker.view().closed() {
+                    let paused = self.pause.borrow().is_some() || !self.breaker.view().closed();
+                    let probing = probe && !claimed;
+                    if paused && !probing {
                         self.limiter.give_back(token, reservation.tokens).await;
                         if claimed {
                             store::release(&self.pool, &job.id, token).await?;
