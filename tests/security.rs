@@ -133,3 +133,33 @@ async fn secrets_appear_in_no_log_line_error_or_table() {
     let _ = Command::new("rabbitmqctl").args(["delete_user", &user]).output();
     let _ = env.db_url.expose_secret();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_tls_with_sslmode_verify_full_verifies_the_server() {
+    sheepdog::install_crypto_provider();
+    // Debian's Postgres serves TLS with its snakeoil certificate, issued to "localhost".
+    let cert = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+    assert!(
+        std::path::Path::new(cert).exists(),
+        "the machine's Postgres certificate"
+    );
+    let url = |host: &str| {
+        secrecy::SecretString::from(format!(
+            "postgres://postgres@{host}:5432/postgres?sslmode=verify-full&sslrootcert={cert}"
+        ))
+    };
+    let pool = sheepdog::store::connect(&url("localhost"), 1)
+        .await
+        .expect("TLS to the right name");
+    let tls: (bool, String) = sqlx::query_as("SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(tls.0, "the connection is encrypted ({})", tls.1);
+    // The same server under a name its certificate does not carry is refused.
+    let err = sheepdog::store::connect(&url("127.0.0.1"), 1)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("certificate"), "{err}");
+}

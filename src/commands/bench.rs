@@ -198,12 +198,7 @@ pub async fn run(
     });
     let mut last_print = Instant::now();
     loop {
-        let done: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM sheepdog.jobs WHERE batch_id = $1 AND status IN ('succeeded', 'failed')",
-        )
-        .bind(&batch_id)
-        .fetch_one(&pool)
-        .await?;
+        let done = crate::store::report::ended_jobs(&pool, &batch_id).await?;
         if done as usize >= b.jobs {
             break;
         }
@@ -243,12 +238,7 @@ pub async fn run(
         )
         .await?;
         loop {
-            let done: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM sheepdog.jobs WHERE batch_id = $1 AND status IN ('succeeded', 'failed')",
-            )
-            .bind(&batch_id)
-            .fetch_one(&pool)
-            .await?;
+            let done = crate::store::report::ended_jobs(&pool, &batch_id).await?;
             if done as usize >= b.jobs {
                 break;
             }

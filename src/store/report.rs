@@ -70,6 +70,14 @@ pub async fn batch_status(pool: &PgPool, batch_id: &str) -> sqlx::Result<BatchSt
     .await
 }
 
+/// How many jobs of a batch have ended (succeeded or failed).
+pub async fn ended_jobs(pool: &PgPool, batch_id: &str) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT count(*) FROM sheepdog.jobs WHERE batch_id = $1 AND status IN ('succeeded', 'failed')")
+        .bind(batch_id)
+        .fetch_one(pool)
+        .await
+}
+
 /// Cost and tokens of a batch's calls by model, from the ledger.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct ModelCost {
