@@ -66,12 +66,18 @@ pub struct Worker {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pause {
     pub reason: String,
-    /// Resume once the budget has room for this much (the refused job's worst case).
-    pub resume_when_budget_has: Option<rust_decimal::Decimal>,
-    /// Paused by the shared circuit breaker: resume when it closes (or probe it).
-    pub breaker: bool,
-    /// Paused because the database cannot be reached: resume when it answers.
-    pub database: bool,
+    pub cause: PauseCause,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum PauseCause {
+    /// The budget is spent: resume once it has room for this much (the refused
+    /// job's worst case).
+    Budget(rust_decimal::Decimal),
+    /// The shared circuit breaker is not closed: resume when it closes (or probe it).
+    Breaker,
+    /// The database cannot be reached: resume when it answers.
+    Database,
 }
 
 /// How a delivery ends.
@@ -168,7 +174,7 @@ impl Worker {
             view.reason.clone().unwrap_or_default()
         );
         self.pause.send_if_modified(|p| match p {
-            Some(p) if p.breaker => {
+            Some(p) if p.cause == PauseCause::Breaker => {
                 let changed = p.reason != reason;
                 p.reason = reason.clone();
                 changed
@@ -177,13 +183,21 @@ impl Worker {
             None => {
                 *p = Some(Pause {
                     reason: reason.clone(),
-                    resume_when_budget_has: None,
-                    breaker: true,
-                    database: false,
+                    cause: PauseCause::Breaker,
                 });
                 true
             }
         });
+    }
+
+    /// Whether this replica is paused now, counting a breaker that opened since
+    /// the last notification (it becomes this replica's pause).
+    fn paused_now(&self) -> bool {
+        let view = self.breaker.view();
+        if !view.closed() {
+            self.pause_for_breaker(&view);
+        }
+        self.pause.borrow().is_some()
     }
 
     /// Pauses this replica while the shared breaker is not closed, and resumes
@@ -195,7 +209,7 @@ impl Worker {
             self.metrics.set_breaker(&view);
             if view.closed() {
                 self.pause.send_if_modified(|p| {
-                    let ours = p.as_ref().is_some_and(|p| p.breaker);
+                    let ours = p.as_ref().is_some_and(|p| p.cause == PauseCause::Breaker);
                     if ours {
                         tracing::info!("circuit breaker closed: resuming");
                         *p = None;
@@ -233,10 +247,7 @@ impl Worker {
         'consume: loop {
             // Paused (budget, breaker, account, database): take nothing until resumed.
             loop {
-                let view = self.breaker.view();
-                if !view.closed() {
-                    self.pause_for_breaker(&view);
-                }
+                self.paused_now();
                 let Some(pause) = pause_rx.borrow_and_update().clone() else {
                     break;
                 };
@@ -352,7 +363,7 @@ impl Worker {
     /// cooldown is over, this replica may win the one probe: it takes a single
     /// job with `basic.get` and calls with it.
     async fn try_resume(self: Arc<Self>, pause: &Pause, consume_ch: &Channel, publish_ch: &Channel) {
-        if pause.database {
+        if pause.cause == PauseCause::Database {
             if sqlx::query("SELECT 1").execute(&self.pool).await.is_ok() {
                 tracing::info!("database reachable again: resuming");
                 self.metrics.db_ok.store(true, Ordering::Relaxed);
@@ -360,7 +371,7 @@ impl Worker {
             }
             return;
         }
-        if pause.breaker {
+        if pause.cause == PauseCause::Breaker {
             let view = self.breaker.view();
             if view.closed() {
                 self.pause.send_if_modified(|p| p.take().is_some());
@@ -370,7 +381,7 @@ impl Worker {
             // Half-open with a prober that died: the database hands the probe on
             // once its lease is over.
             if (view.state == "open" && cooled) || view.state == "half_open" {
-                let lease = self.client_timeout() + Duration::from_secs(10);
+                let lease = self.client.timeout() + Duration::from_secs(10);
                 if self.breaker.claim_probe(lease).await {
                     if let Ok(Some(m)) = consume_ch
                         .basic_get(JOBS_QUEUE.into(), lapin::options::BasicGetOptions { no_ack: false })
@@ -385,7 +396,7 @@ impl Worker {
             }
             return;
         }
-        if let Some(cost) = pause.resume_when_budget_has {
+        if let PauseCause::Budget(cost) = pause.cause {
             match self.limiter.budget_has_room(cost).await {
                 Ok(true) => {
                     tracing::info!("budget has room again; resuming");
@@ -412,12 +423,7 @@ impl Worker {
                 );
                 let pause = Duration::from_millis(500 + rand::rng().random_range(0..1500));
                 tokio::time::sleep(pause).await;
-                delivery
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await
+                delivery.nack(requeue()).await
             }
         };
         match settled {
@@ -493,13 +499,9 @@ impl Worker {
         loop {
             // Paused (breaker open, budget spent, account refused): hand the job
             // back without using an attempt. Only the breaker's probe goes on.
-            let view = self.breaker.view();
-            if !view.closed() {
-                self.pause_for_breaker(&view);
-            }
-            let paused = self.pause.borrow().is_some();
+            // The probe's first call is the one call allowed while paused.
             let probing = probe && !claimed;
-            if paused && !probing {
+            if !probing && self.paused_now() {
                 if claimed {
                     store::release(&self.pool, &job.id, token).await?;
                 }
@@ -516,9 +518,7 @@ impl Worker {
             let period = match acquired {
                 Acquired::Granted { period } => {
                     // The breaker may have opened while this job waited its turn.
-                    let paused = self.pause.borrow().is_some() || !self.breaker.view().closed();
-                    let probing = probe && !claimed;
-                    if paused && !probing {
+                    if !probing && self.paused_now() {
                         self.limiter.give_back(token, reservation.tokens).await;
                         if claimed {
                             store::release(&self.pool, &job.id, token).await?;
@@ -533,9 +533,7 @@ impl Worker {
                         let was = p.is_some();
                         *p = Some(Pause {
                             reason: reason.clone(),
-                            resume_when_budget_has: Some(reservation.cost_usd),
-                            breaker: false,
-                            database: false,
+                            cause: PauseCause::Budget(reservation.cost_usd),
                         });
                         !was
                     });
@@ -728,16 +726,10 @@ impl Worker {
             }
             *p = Some(Pause {
                 reason: "database unreachable".into(),
-                resume_when_budget_has: None,
-                breaker: false,
-                database: true,
+                cause: PauseCause::Database,
             });
             true
         });
-    }
-
-    fn client_timeout(&self) -> Duration {
-        self.client.timeout()
     }
 
     /// Publishes the message, body and headers unchanged, to `sheepdog.dead` with
