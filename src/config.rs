@@ -1,11 +1,15 @@
-//! Settings from flags and the environment (contract §2). Secrets are kept as
-//! `SecretString` so they never reach a log line through `Debug`.
+//! Settings from flags and the environment (contract §2). Every default is stated here, once,
+//! in the clap definitions. Secrets are kept as `SecretString` so they never reach a log line
+//! through `Debug`.
 
 use std::time::Duration;
 
 use clap::Args;
 use rust_decimal::Decimal;
 use secrecy::SecretString;
+
+use crate::limits::breaker::BreakerSettings;
+use crate::limits::{BudgetPeriod, LimitChange};
 
 /// Where the database lives.
 #[derive(Args, Clone, Debug)]
@@ -23,7 +27,7 @@ pub struct DbArgs {
 /// Where the broker lives.
 #[derive(Args, Clone, Debug)]
 pub struct AmqpArgs {
-    /// AMQP URL (amqp:// or amqps://).
+    /// AMQP URL (amqp:// or amqps://); several, comma-separated, for a cluster.
     #[arg(
         long = "amqp-url",
         env = "AMQP_URL",
@@ -64,10 +68,17 @@ impl UpstreamArgs {
     }
 }
 
+/// Largest job message accepted, in bytes (the worker and `enqueue` share it).
+#[derive(Args, Clone, Debug)]
+pub struct MessageArgs {
+    #[arg(long = "max-message-bytes", env = "SHEEPDOG_MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024)]
+    pub max_message_bytes: usize,
+}
+
 /// Settings of one worker replica.
 #[derive(Args, Clone, Debug)]
 pub struct WorkerArgs {
-    /// Jobs in flight on this replica (also the AMQP prefetch).
+    /// Upstream calls in flight on this replica.
     #[arg(long = "concurrency", env = "SHEEPDOG_CONCURRENCY", default_value_t = 32)]
     pub concurrency: u16,
     /// `max_tokens` sent when a job sets none.
@@ -80,20 +91,15 @@ pub struct WorkerArgs {
     /// Price file in LiteLLM's field names; the built-in table when unset.
     #[arg(long = "prices", env = "SHEEPDOG_PRICES")]
     pub prices: Option<std::path::PathBuf>,
-    /// Largest job message accepted, in bytes.
-    #[arg(long = "max-message-bytes", env = "SHEEPDOG_MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024)]
-    pub max_message_bytes: usize,
+    #[command(flatten)]
+    pub message: MessageArgs,
     /// Upstream calls a job may make before it fails.
     #[arg(long = "max-attempts", env = "SHEEPDOG_MAX_ATTEMPTS", default_value_t = 8)]
     pub max_attempts: u32,
-    /// Seconds a claim on a job lasts; longer than the HTTP timeout, shorter than the
-    /// broker's consumer timeout.
-    #[arg(long = "lease", env = "SHEEPDOG_LEASE_SECONDS", default_value_t = 300.0)]
-    pub lease_seconds: f64,
-    /// Longest a job waits in-process for the global limits before it goes back
-    /// through a retry queue (so no delivery nears the broker's consumer timeout).
-    #[arg(long = "max-wait", env = "SHEEPDOG_MAX_WAIT_SECONDS", default_value_t = 300.0)]
-    pub max_wait_seconds: f64,
+    /// Seconds after a replica dies (its database session gone, no heartbeat) before another
+    /// replica takes over its jobs. A live replica's jobs are never taken over.
+    #[arg(long = "takeover", env = "SHEEPDOG_TAKEOVER_SECONDS", default_value_t = 5.0)]
+    pub takeover_seconds: f64,
     /// Seconds given to jobs in hand after SIGTERM before the worker exits anyway.
     #[arg(long = "grace", env = "SHEEPDOG_SHUTDOWN_GRACE_SECONDS", default_value_t = 60.0)]
     pub grace_seconds: f64,
@@ -105,11 +111,65 @@ pub struct WorkerArgs {
     )]
     pub metrics_addr: String,
     #[command(flatten)]
-    pub breaker: crate::limits::breaker::BreakerArgs,
+    pub breaker: BreakerArgs,
 }
 
-/// Global limits shared by every replica (contract §2, §5). Unset means "leave
-/// the stored setting as it is"; `0` means unlimited.
+impl WorkerArgs {
+    pub fn takeover(&self) -> Duration {
+        Duration::from_secs_f64(self.takeover_seconds.max(1.0))
+    }
+}
+
+/// Breaker settings (each replica measures its own calls; the breakers are shared).
+#[derive(Args, Clone, Debug)]
+pub struct BreakerArgs {
+    /// Seconds of calls the failure rate is measured over.
+    #[arg(
+        long = "breaker-window",
+        env = "SHEEPDOG_BREAKER_WINDOW_SECONDS",
+        default_value_t = 30.0
+    )]
+    pub window_seconds: f64,
+    /// Share of failed calls (5xx, timeouts, connection errors) that opens a breaker.
+    #[arg(
+        long = "breaker-failure-rate",
+        env = "SHEEPDOG_BREAKER_FAILURE_RATE",
+        default_value_t = 0.5
+    )]
+    pub failure_rate: f64,
+    /// Calls the window must hold before the rate counts.
+    #[arg(long = "breaker-min-calls", env = "SHEEPDOG_BREAKER_MIN_CALLS", default_value_t = 10)]
+    pub min_calls: usize,
+    /// First cooldown before a probe, in seconds; doubles on each repeated trip.
+    #[arg(
+        long = "breaker-cooldown",
+        env = "SHEEPDOG_BREAKER_COOLDOWN_SECONDS",
+        default_value_t = 5.0
+    )]
+    pub cooldown_seconds: f64,
+    /// Longest cooldown, in seconds.
+    #[arg(
+        long = "breaker-max-cooldown",
+        env = "SHEEPDOG_BREAKER_MAX_COOLDOWN_SECONDS",
+        default_value_t = 300.0
+    )]
+    pub max_cooldown_seconds: f64,
+}
+
+impl BreakerArgs {
+    pub fn settings(&self) -> BreakerSettings {
+        BreakerSettings {
+            window: Duration::from_secs_f64(self.window_seconds.max(0.1)),
+            failure_rate: self.failure_rate,
+            min_calls: self.min_calls.max(1),
+            cooldown_seconds: self.cooldown_seconds,
+            max_cooldown_seconds: self.max_cooldown_seconds,
+        }
+    }
+}
+
+/// Limits shared by every replica (contract §2, §5). Unset means "leave the stored setting as
+/// it is"; `0` means unlimited.
 #[derive(Args, Clone, Debug, Default)]
 pub struct LimitArgs {
     /// Requests per minute, all replicas together.
@@ -124,18 +184,45 @@ pub struct LimitArgs {
     /// Spend budget in USD, all replicas together (0: unlimited).
     #[arg(long = "budget-usd", env = "SHEEPDOG_BUDGET_USD")]
     pub budget_usd: Option<Decimal>,
-    /// Budget period: day, month or total (UTC).
-    #[arg(long = "budget-period", env = "SHEEPDOG_BUDGET_PERIOD")]
-    pub budget_period: Option<String>,
+    /// Budget period (UTC).
+    #[arg(long = "budget-period", env = "SHEEPDOG_BUDGET_PERIOD", value_enum)]
+    pub budget_period: Option<BudgetPeriod>,
 }
 
 impl LimitArgs {
-    /// Whether any limit was given.
-    pub fn any(&self) -> bool {
-        self.rpm.is_some()
-            || self.tpm.is_some()
-            || self.burst_seconds.is_some()
-            || self.budget_usd.is_some()
-            || self.budget_period.is_some()
+    pub fn change(&self) -> LimitChange {
+        LimitChange {
+            rpm: self.rpm,
+            tpm: self.tpm,
+            burst_seconds: self.burst_seconds,
+            budget_usd: self.budget_usd,
+            budget_period: self.budget_period,
+        }
+    }
+}
+
+/// The settings group `T` as the command line would give it with no flags: the clap
+/// definitions are the one place defaults are stated (environment variables still apply).
+pub fn defaults<T: Args>() -> T {
+    #[derive(clap::Parser)]
+    struct Only<T: Args> {
+        #[command(flatten)]
+        inner: T,
+    }
+    <Only<T> as clap::Parser>::parse_from(["sheepdog"]).inner
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_come_from_the_clap_definitions() {
+        let w: WorkerArgs = defaults();
+        assert_eq!(w.concurrency, 32);
+        assert_eq!(w.takeover_seconds, 5.0);
+        assert_eq!(w.breaker.min_calls, 10);
+        let u: UpstreamArgs = defaults();
+        assert_eq!(u.http_timeout_seconds, 120.0);
     }
 }

@@ -4,10 +4,12 @@
 pub mod amqp;
 pub mod commands;
 pub mod config;
+pub mod health;
 pub mod job;
 pub mod limits;
 pub mod metrics;
 pub mod prices;
+pub mod redact;
 pub mod store;
 pub mod tokens;
 pub mod upstream;

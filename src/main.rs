@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use sheepdog::commands::{self, bench::BenchArgs};
-use sheepdog::config::{AmqpArgs, DbArgs, LimitArgs, UpstreamArgs, WorkerArgs};
+use sheepdog::config::{AmqpArgs, DbArgs, LimitArgs, MessageArgs, UpstreamArgs, WorkerArgs};
 use sheepdog::upstream::mock::{MockConfig, MockServer};
 use tokio_util::sync::CancellationToken;
 
@@ -120,8 +120,8 @@ enum Command {
         /// Hide the progress bar.
         #[arg(long)]
         quiet: bool,
-        #[arg(long = "max-message-bytes", env = "SHEEPDOG_MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024)]
-        max_message_bytes: usize,
+        #[command(flatten)]
+        message: MessageArgs,
         #[command(flatten)]
         db: DbArgs,
         #[command(flatten)]
@@ -194,12 +194,15 @@ enum Command {
         /// Retry-After sent with 429s, seconds.
         #[arg(long, default_value_t = 1.0)]
         retry_after: f64,
-        /// ok, fail (500), hang, unauthorized (401), no_balance (402), overloaded (429).
-        #[arg(long, default_value = "ok")]
-        mode: String,
+        /// How every call is answered.
+        #[arg(long, value_enum, default_value = "ok")]
+        mode: sheepdog::upstream::mock::MockMode,
         /// Percent of prompt tokens reported as cached.
         #[arg(long, default_value_t = 0)]
         cached_percent: u64,
+        /// Requests answered per sliding minute, like an account's limit; the rest get 429.
+        #[arg(long)]
+        rpm_limit: Option<u64>,
     },
 }
 
@@ -279,13 +282,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &amqp.amqp_url,
                 &upstream,
                 &worker,
+                &limits,
                 commands::replica_name(),
             )
             .await?;
-            if limits.any() {
-                sheepdog::limits::apply(&w.pool, &limits).await?;
-                tracing::info!(?limits, "global limits set from this replica's settings");
-            }
             if worker.metrics_addr != "off" {
                 match sheepdog::metrics::serve(&worker.metrics_addr, w.metrics.clone()).await {
                     Ok(_) => tracing::info!(addr = %worker.metrics_addr, "serving /healthz, /readyz, /metrics"),
@@ -323,8 +323,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
             DeadAction::Replay { batch, limit, db, amqp } => {
-                let pool = sheepdog::store::connect(&db.database_url, 2).await?;
-                commands::require_schema(&pool).await?;
+                let pool = commands::open_db(&db.database_url).await?;
                 let r = commands::dead::replay(&pool, &amqp.amqp_url, batch.as_deref(), limit).await?;
                 println!(
                     "{} replayed to sheepdog.jobs, {} left in sheepdog.dead",
@@ -339,36 +338,39 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             format,
             db,
         } => {
-            let pool = sheepdog::store::connect(&db.database_url, 2).await?;
-            commands::require_schema(&pool).await?;
+            let pool = commands::open_db(&db.database_url).await?;
             let rows = sheepdog::store::report::cost_report(&pool, since, until, batch.as_deref()).await?;
             print!("{}", commands::report::render(&rows, format));
         }
         Command::Limits { action } => match action {
             LimitsAction::Set { limits, db } => {
-                let pool = sheepdog::store::connect(&db.database_url, 2).await?;
-                commands::require_schema(&pool).await?;
-                sheepdog::limits::apply(&pool, &limits).await?;
-                print!("{}", commands::status::render_limits(&pool).await?);
+                let pool = commands::open_db(&db.database_url).await?;
+                sheepdog::limits::apply(&pool, sheepdog::limits::ALL, &limits.change()).await?;
+                print!("{}", commands::limits::render(&pool).await?);
             }
             LimitsAction::Show { db } => {
-                let pool = sheepdog::store::connect(&db.database_url, 2).await?;
-                commands::require_schema(&pool).await?;
-                print!("{}", commands::status::render_limits(&pool).await?);
+                let pool = commands::open_db(&db.database_url).await?;
+                print!("{}", commands::limits::render(&pool).await?);
             }
         },
         Command::Enqueue {
             file,
             batch,
             quiet,
-            max_message_bytes,
+            message,
             db,
             amqp,
         } => {
-            let pool = sheepdog::store::connect(&db.database_url, 2).await?;
-            commands::require_schema(&pool).await?;
-            let r = commands::enqueue::enqueue_file(&pool, &amqp.amqp_url, &file, &batch, max_message_bytes, !quiet)
-                .await?;
+            let pool = commands::open_db(&db.database_url).await?;
+            let r = commands::enqueue::enqueue_file(
+                &pool,
+                &amqp.amqp_url,
+                &file,
+                &batch,
+                message.max_message_bytes,
+                !quiet,
+            )
+            .await?;
             for x in &r.refused {
                 eprintln!("line {}: refused: {}", x.line, x.reason);
             }
@@ -393,8 +395,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Status { batch, wait, json, db } => {
-            let pool = sheepdog::store::connect(&db.database_url, 2).await?;
-            commands::require_schema(&pool).await?;
+            let pool = commands::open_db(&db.database_url).await?;
             let s = if wait {
                 commands::status::wait_for_batch(&pool, &batch, !json).await?
             } else {
@@ -404,12 +405,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
                 print!("{}", commands::status::render_status(&pool, &s).await?);
-                print!("\n{}", commands::status::render_limits(&pool).await?);
+                print!("\n{}", commands::limits::render(&pool).await?);
             }
         }
         Command::Export { batch, out, db } => {
-            let pool = sheepdog::store::connect(&db.database_url, 2).await?;
-            commands::require_schema(&pool).await?;
+            let pool = commands::open_db(&db.database_url).await?;
             let n = commands::status::export(&pool, &batch, &out).await?;
             println!("wrote {n} lines to {}", out.display());
         }
@@ -440,6 +440,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             retry_after,
             mode,
             cached_percent,
+            rpm_limit,
         } => {
             let shutdown = shutdown_on_signals();
             let config = MockConfig {
@@ -450,7 +451,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 rate_429,
                 retry_after_seconds: retry_after,
                 cached_percent,
-                api_key: None,
+                rpm_limit,
+                ..Default::default()
             };
             let server = MockServer::start(&listen, config).await?;
             println!("mock upstream listening; set HOLYSHEEP_BASE_URL={}", server.base_url());

@@ -2,9 +2,12 @@
 //! with `/healthz` and `/readyz`.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use crate::health::Health;
+use crate::limits::breaker::BreakerView;
 
 use rust_decimal::Decimal;
 
@@ -20,17 +23,17 @@ pub struct Metrics {
     pub jobs_dead_lettered: AtomicU64,
     pub jobs_retried: AtomicU64,
     pub jobs_duplicate: AtomicU64,
+    pub jobs_taken_over: AtomicU64,
     pub in_flight: AtomicI64,
-    pub amqp_connected: AtomicBool,
-    pub db_ok: AtomicBool,
-    /// Why this replica is not taking jobs, when it is not.
-    pub paused: Mutex<Option<String>>,
-    pub limiter_wait_seconds: Mutex<f64>,
+    /// What the replica can do now, and why not.
+    pub health: Arc<Health>,
     /// Budget left this period (None: no budget).
     pub budget_left_usd: Mutex<Option<Decimal>>,
     /// Messages ready in sheepdog's queues, by queue.
     pub queue_depth: Mutex<BTreeMap<String, u32>>,
-    breaker: Mutex<crate::limits::breaker::BreakerView>,
+    /// Jobs waiting in Postgres for a call.
+    pub backlog: AtomicI64,
+    breakers: Mutex<Vec<BreakerView>>,
     calls: Mutex<BTreeMap<String, u64>>,
     by_model: Mutex<BTreeMap<String, ModelTotals>>,
     latency: Mutex<Histogram>,
@@ -74,25 +77,12 @@ impl Metrics {
         h.count += 1;
     }
 
-    pub fn set_breaker(&self, v: &crate::limits::breaker::BreakerView) {
-        *self.breaker.lock().unwrap() = v.clone();
-    }
-
-    pub fn set_paused(&self, why: Option<String>) {
-        *self.paused.lock().unwrap() = why;
+    pub fn set_breakers(&self, v: Vec<BreakerView>) {
+        *self.breakers.lock().unwrap() = v;
     }
 
     pub fn ready(&self) -> Result<(), String> {
-        if !self.amqp_connected.load(Ordering::Relaxed) {
-            return Err("not connected to RabbitMQ".into());
-        }
-        if !self.db_ok.load(Ordering::Relaxed) {
-            return Err("database unreachable".into());
-        }
-        if let Some(why) = self.paused.lock().unwrap().clone() {
-            return Err(format!("paused: {why}"));
-        }
-        Ok(())
+        self.health.ready()
     }
 
     /// Prometheus text exposition.
@@ -114,6 +104,7 @@ impl Metrics {
             ("dead_lettered", &self.jobs_dead_lettered),
             ("retried", &self.jobs_retried),
             ("duplicate", &self.jobs_duplicate),
+            ("taken_over", &self.jobs_taken_over),
         ] {
             let _ = writeln!(
                 o,
@@ -145,7 +136,7 @@ impl Metrics {
         );
         c(&mut o, "sheepdog_cost_usd_total", "Spend in USD, by model.", "counter");
         for (m, t) in self.by_model.lock().unwrap().iter() {
-            let m = m.replace(['"', '\\', '\n'], "_");
+            let m = label(m);
             let _ = writeln!(
                 o,
                 "sheepdog_tokens_total{{model=\"{m}\",kind=\"prompt\"}} {}",
@@ -179,35 +170,45 @@ impl Metrics {
         }
         c(
             &mut o,
-            "sheepdog_limiter_wait_seconds_total",
-            "Time jobs spent waiting for the global limits.",
-            "counter",
+            "sheepdog_backlog_jobs",
+            "Jobs waiting in Postgres for a call (their limit, breaker, turn or retry time).",
+            "gauge",
         );
-        let _ = writeln!(
-            o,
-            "sheepdog_limiter_wait_seconds_total {}",
-            *self.limiter_wait_seconds.lock().unwrap()
-        );
+        let _ = writeln!(o, "sheepdog_backlog_jobs {}", self.backlog.load(Ordering::Relaxed));
         c(
             &mut o,
             "sheepdog_breaker_state",
-            "The shared circuit breaker: 1 for its current state.",
+            "Shared circuit breakers by scope (`*` or a model): 1 for the current state.",
             "gauge",
         );
         {
-            let b = self.breaker.lock().unwrap();
-            let cur = if b.state.is_empty() { "closed" } else { b.state.as_str() };
-            for st in ["closed", "open", "half_open"] {
-                let _ = writeln!(o, "sheepdog_breaker_state{{state=\"{st}\"}} {}", u8::from(cur == st));
+            let breakers = self.breakers.lock().unwrap();
+            for b in breakers.iter() {
+                let scope = label(&b.scope);
+                for st in ["closed", "open", "half_open"] {
+                    let _ = writeln!(
+                        o,
+                        "sheepdog_breaker_state{{scope=\"{scope}\",state=\"{st}\"}} {}",
+                        u8::from(b.state.as_str() == st)
+                    );
+                }
             }
-            if let Some(since) = b.since {
-                c(
-                    &mut o,
-                    "sheepdog_breaker_since_seconds",
-                    "Unix time the breaker entered its state.",
-                    "gauge",
+        }
+        c(
+            &mut o,
+            "sheepdog_scope_held",
+            "1 while a scope's calls are held by its limits, breaker or the upstream's pause, by kind.",
+            "gauge",
+        );
+        {
+            let held = self.health.held();
+            for b in held.iter().chain(self.health.lanes().iter()) {
+                let _ = writeln!(
+                    o,
+                    "sheepdog_scope_held{{scope=\"{}\",kind=\"{:?}\"}} 1",
+                    label(&b.scope),
+                    b.kind
                 );
-                let _ = writeln!(o, "sheepdog_breaker_since_seconds {}", since.timestamp());
             }
         }
         if let Some(left) = *self.budget_left_usd.lock().unwrap() {
@@ -234,23 +235,15 @@ impl Metrics {
             "1 while this replica takes no jobs (breaker, budget, auth).",
             "gauge",
         );
-        let _ = writeln!(o, "sheepdog_paused {}", u8::from(self.paused.lock().unwrap().is_some()));
+        let _ = writeln!(o, "sheepdog_paused {}", u8::from(self.health.paused().is_some()));
         c(
             &mut o,
             "sheepdog_up",
             "Connections this replica needs, 1 when up.",
             "gauge",
         );
-        let _ = writeln!(
-            o,
-            "sheepdog_up{{part=\"amqp\"}} {}",
-            u8::from(self.amqp_connected.load(Ordering::Relaxed))
-        );
-        let _ = writeln!(
-            o,
-            "sheepdog_up{{part=\"postgres\"}} {}",
-            u8::from(self.db_ok.load(Ordering::Relaxed))
-        );
+        let _ = writeln!(o, "sheepdog_up{{part=\"amqp\"}} {}", u8::from(self.health.amqp()));
+        let _ = writeln!(o, "sheepdog_up{{part=\"postgres\"}} {}", u8::from(self.health.db()));
         o
     }
 }
@@ -297,4 +290,9 @@ pub async fn serve(
         let _ = axum::serve(listener, app).await;
     });
     Ok((task, local))
+}
+
+/// A Prometheus label value: quotes, backslashes and newlines replaced.
+fn label(v: &str) -> String {
+    v.replace(['"', '\\', '\n'], "_")
 }

@@ -1,4 +1,5 @@
-//! The global circuit breaker and classified retries, with three replicas.
+//! Circuit breakers shared by all replicas and classified retries, with three replicas and
+//! the default breaker settings.
 
 mod common;
 
@@ -8,8 +9,7 @@ use std::time::Duration;
 use common::{job_line, wait_for, TestEnv};
 use serde_json::Value;
 use sheepdog::config::WorkerArgs;
-use sheepdog::limits::breaker::BreakerArgs;
-use sheepdog::upstream::mock::MockConfig;
+use sheepdog::upstream::mock::{MockConfig, MockMode};
 
 fn lines(n: usize, prefix: &str) -> Vec<Value> {
     (0..n)
@@ -20,27 +20,22 @@ fn lines(n: usize, prefix: &str) -> Vec<Value> {
 fn args(env: &TestEnv) -> WorkerArgs {
     let mut a = env.worker_args();
     a.concurrency = 8;
-    a.breaker = BreakerArgs {
-        window_seconds: 10.0,
-        failure_rate: 0.5,
-        min_calls: 5,
-        cooldown_seconds: 1.0,
-        max_cooldown_seconds: 2.0,
-    };
     a
 }
 
-async fn breaker_state(env: &TestEnv) -> (String, chrono::DateTime<chrono::Utc>, Option<String>) {
-    sqlx::query_as("SELECT state, since, reason FROM sheepdog.breaker")
-        .fetch_one(&env.pool)
+async fn breaker_state(env: &TestEnv, scope: &str) -> (String, chrono::DateTime<chrono::Utc>, Option<String>) {
+    sqlx::query_as("SELECT state, since, reason FROM sheepdog.breakers WHERE scope = $1")
+        .bind(scope)
+        .fetch_optional(&env.pool)
         .await
         .unwrap()
+        .unwrap_or(("closed".into(), chrono::Utc::now(), None))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_failing_upstream_opens_one_breaker_for_all_replicas_and_jobs_wait_instead_of_failing() {
+async fn a_failing_model_opens_one_breaker_for_all_replicas_and_its_jobs_wait_instead_of_failing() {
     let env = TestEnv::new(MockConfig {
-        mode: "fail".into(),
+        mode: MockMode::Fail,
         latency_ms_min: 100,
         ..Default::default()
     })
@@ -53,32 +48,47 @@ async fn a_failing_upstream_opens_one_breaker_for_all_replicas_and_jobs_wait_ins
         env.spawn_worker_with("c", a).await,
     ];
     let pool = env.pool.clone();
-    wait_for(Duration::from_secs(30), "the breaker to open", || {
+    wait_for(Duration::from_secs(30), "the model's breaker to open", || {
         let pool = pool.clone();
         async move {
-            let s: String = sqlx::query_scalar("SELECT state FROM sheepdog.breaker")
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-            (s != "closed").then_some(())
+            let s: Option<String> =
+                sqlx::query_scalar("SELECT state FROM sheepdog.breakers WHERE scope = 'gpt-4o-mini'")
+                    .fetch_optional(&pool)
+                    .await
+                    .unwrap();
+            (s.is_some_and(|s| s != "closed")).then_some(())
         }
     })
     .await;
-    let (_, opened_at, reason) = breaker_state(&env).await;
+    let (_, opened_at, reason) = breaker_state(&env, "gpt-4o-mini").await;
     assert!(reason.unwrap().contains("failed"), "the breaker says why");
-    // Every replica pauses.
+    assert_eq!(
+        breaker_state(&env, "*").await.0,
+        "closed",
+        "one model's failures leave the account's breaker closed"
+    );
+    // Every replica holds the model's jobs back.
     let metrics: Vec<_> = ws.iter().map(|w| w.metrics.clone()).collect();
-    wait_for(Duration::from_secs(5), "every replica to pause", || {
+    wait_for(Duration::from_secs(5), "every replica to hold the model back", || {
         let m = metrics.clone();
-        async move { m.iter().all(|m| m.paused.lock().unwrap().is_some()).then_some(()) }
+        async move {
+            m.iter()
+                .all(|m| m.health.lanes().iter().any(|b| b.scope == "gpt-4o-mini"))
+                .then_some(())
+        }
     })
     .await;
-    // Let the upstream stay down through several probes.
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    let during = env.mock.state.calls();
-    env.mock.state.update(|c| c.mode = "ok".into());
-
+    // Let the upstream stay down through two probes (5 s, then 10 s later).
+    let state = env.mock.state.clone();
     let opened_ms = opened_at.timestamp_millis() as f64;
+    wait_for(Duration::from_secs(40), "two probes while it fails", || {
+        let s = state.clone();
+        async move { (s.calls().iter().filter(|c| c.arrived_ms > opened_ms + 150.0).count() >= 2).then_some(()) }
+    })
+    .await;
+    let during = env.mock.state.calls();
+    env.mock.state.update(|c| c.mode = MockMode::Ok);
+
     // Calls that were already in flight when it opened finish within the mock's 100 ms.
     let after_open: Vec<_> = during.iter().filter(|c| c.arrived_ms > opened_ms + 150.0).collect();
     let last_before = during
@@ -105,7 +115,7 @@ async fn a_failing_upstream_opens_one_breaker_for_all_replicas_and_jobs_wait_ins
         "exactly one probe at a time"
     );
 
-    let status = env.wait_batch("storm", Duration::from_secs(90)).await;
+    let status = env.wait_batch("storm", Duration::from_secs(120)).await;
     assert_eq!(
         (status.succeeded, status.failed),
         (120, 0),
@@ -118,7 +128,7 @@ async fn a_failing_upstream_opens_one_breaker_for_all_replicas_and_jobs_wait_ins
         max_attempts <= 4,
         "attempts did not pile up while the breaker was open: {max_attempts}"
     );
-    assert_eq!(breaker_state(&env).await.0, "closed");
+    assert_eq!(breaker_state(&env, "gpt-4o-mini").await.0, "closed");
     let calls = env.count("SELECT count(*) FROM sheepdog.llm_calls").await;
     assert_eq!(
         calls as usize,
@@ -133,7 +143,7 @@ async fn a_failing_upstream_opens_one_breaker_for_all_replicas_and_jobs_wait_ins
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_401_pauses_every_replica_and_fails_nothing_until_a_probe_passes() {
     let env = TestEnv::new(MockConfig {
-        mode: "unauthorized".into(),
+        mode: MockMode::Unauthorized,
         ..Default::default()
     })
     .await;
@@ -152,13 +162,7 @@ async fn a_401_pauses_every_replica_and_fails_nothing_until_a_probe_passes() {
             let m = metrics.clone();
             async move {
                 m.iter()
-                    .all(|m| {
-                        m.paused
-                            .lock()
-                            .unwrap()
-                            .as_deref()
-                            .is_some_and(|r| r.contains("account refused"))
-                    })
+                    .all(|m| m.health.paused().is_some_and(|r| r.contains("account refused")))
                     .then_some(())
             }
         },
@@ -171,10 +175,10 @@ async fn a_401_pauses_every_replica_and_fails_nothing_until_a_probe_passes() {
     );
     let early = env.mock.state.call_count();
     assert!(early < 30, "replicas stopped calling: {early}");
-    env.mock.state.update(|c| c.mode = "ok".into());
+    env.mock.state.update(|c| c.mode = MockMode::Ok);
     let status = env.wait_batch("auth", Duration::from_secs(60)).await;
     assert_eq!((status.succeeded, status.failed), (30, 0));
-    assert!(ws.iter().all(|w| w.metrics.paused.lock().unwrap().is_none()), "resumed");
+    assert!(ws.iter().all(|w| w.metrics.health.paused().is_none()), "resumed");
     let _ = ws
         .iter()
         .map(|w| w.metrics.jobs_succeeded.load(Ordering::Relaxed))
@@ -187,7 +191,7 @@ async fn a_401_pauses_every_replica_and_fails_nothing_until_a_probe_passes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_upstream_becomes_a_timeout_and_a_retry() {
     let env = TestEnv::new(MockConfig {
-        mode: "hang".into(),
+        mode: MockMode::Hang,
         ..Default::default()
     })
     .await;
@@ -196,7 +200,8 @@ async fn a_hung_upstream_becomes_a_timeout_and_a_retry() {
     a.concurrency = 1;
     let mut up = env.upstream_args();
     up.http_timeout_seconds = 1.0;
-    let w = sheepdog::commands::build_worker(&env.db_url, &env.amqp_url, &up, &a, "w".into())
+    // The point of this test is the timeout itself, so it is set short here.
+    let w = sheepdog::commands::build_worker(&env.db_url, &env.amqp_url, &up, &a, &Default::default(), "w".into())
         .await
         .unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();
@@ -207,7 +212,7 @@ async fn a_hung_upstream_becomes_a_timeout_and_a_retry() {
         async move { (s.call_count() >= 1).then_some(()) }
     })
     .await;
-    env.mock.state.update(|c| c.mode = "ok".into());
+    env.mock.state.update(|c| c.mode = MockMode::Ok);
     env.wait_batch("hang", Duration::from_secs(30)).await;
     let rows: Vec<(i32, String, Option<String>)> =
         sqlx::query_as("SELECT attempt, outcome, error FROM sheepdog.llm_calls ORDER BY attempt")

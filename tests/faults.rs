@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::proxy::Proxy;
-use common::{job_line, spawn_worker_process, wait_for, TestEnv};
+use common::{job_line, wait_for, TestEnv, WorkerProcess};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use sheepdog::upstream::mock::MockConfig;
@@ -93,18 +93,13 @@ async fn three_replicas_through_kill_9_a_broker_restart_and_a_database_restart()
     .await;
     let n = 900;
     env.enqueue_lines("chaos", &lines(n, "c")).await;
-    let extra = [
-        ("SHEEPDOG_CONCURRENCY", "8".to_string()),
-        ("SHEEPDOG_LEASE_SECONDS", "6".to_string()),
-        ("SHEEPDOG_HTTP_TIMEOUT_SECONDS", "4".to_string()),
-    ];
-    let mut workers: Vec<_> = (0..3).map(|_| spawn_worker_process(&env, &extra)).collect();
+    let extra = [("SHEEPDOG_CONCURRENCY", "8".to_string())];
+    let mut workers: Vec<_> = (0..3).map(|_| WorkerProcess::start(&env, &extra)).collect();
     let started = Instant::now();
 
     reach(&env, "chaos", n as i64 / 4, Duration::from_secs(120)).await;
-    workers[0].start_kill().unwrap(); // kill -9, mid-call
-    workers[0].wait().await.unwrap();
-    workers[0] = spawn_worker_process(&env, &extra);
+    workers[0].kill9().await; // mid-call
+    workers[0] = WorkerProcess::start(&env, &extra);
     let after_kill = recovery(&env, "chaos").await;
 
     reach(&env, "chaos", n as i64 / 2, Duration::from_secs(120)).await;
@@ -118,8 +113,7 @@ async fn three_replicas_through_kill_9_a_broker_restart_and_a_database_restart()
     env.wait_batch("chaos", Duration::from_secs(180)).await;
     let total = started.elapsed().as_secs_f64();
     for mut w in workers {
-        let _ = w.start_kill();
-        let _ = w.wait().await;
+        w.kill9().await;
     }
     let a = env.audit("chaos", n as i64).await;
     println!(
@@ -152,12 +146,18 @@ async fn cut_connections_to_rabbitmq_and_postgres_are_survived() {
     env.enqueue_lines("cut", &lines(n, "x")).await;
     let mut args = env.worker_args();
     args.concurrency = 8;
-    args.lease_seconds = 6.0;
     let mut handles = Vec::new();
     for i in 0..3 {
-        let w = sheepdog::commands::build_worker(&db_url, &amqp_url, &env.upstream_args(), &args, format!("w{i}"))
-            .await
-            .unwrap();
+        let w = sheepdog::commands::build_worker(
+            &db_url,
+            &amqp_url,
+            &env.upstream_args(),
+            &args,
+            &Default::default(),
+            format!("w{i}"),
+        )
+        .await
+        .unwrap();
         let s = tokio_util::sync::CancellationToken::new();
         handles.push((s.clone(), tokio::spawn(w.run(s))));
     }
@@ -192,25 +192,16 @@ async fn sigterm_finishes_the_jobs_in_hand_and_exits_0_and_a_second_signal_stops
     })
     .await;
     env.enqueue_lines("term", &lines(40, "t")).await;
-    // Short leases: the jobs a worker dropped on the second signal are claimable soon.
-    let extra = [
-        ("SHEEPDOG_CONCURRENCY", "8".to_string()),
-        ("SHEEPDOG_LEASE_SECONDS", "4".to_string()),
-    ];
-    let mut w = spawn_worker_process(&env, &extra);
+    let extra = [("SHEEPDOG_CONCURRENCY", "8".to_string())];
+    let mut w = WorkerProcess::start(&env, &extra);
     let state = env.mock.state.clone();
     wait_for(Duration::from_secs(20), "calls in flight", || {
         let s = state.clone();
         async move { (s.max_in_flight() >= 8).then_some(()) }
     })
     .await;
-    let pid = w.id().unwrap().to_string();
-    sh("kill", &["-TERM", &pid]);
-    let status = tokio::time::timeout(Duration::from_secs(20), w.wait())
-        .await
-        .expect("exits")
-        .unwrap();
-    assert_eq!(status.code(), Some(0), "a clean stop exits 0");
+    let code = w.term(Duration::from_secs(20)).await;
+    assert_eq!(code, Some(0), "a clean stop exits 0");
     // What it had in hand was finished, not abandoned.
     assert_eq!(
         env.count("SELECT count(*) FROM sheepdog.llm_calls WHERE outcome = 'pending'")
@@ -228,8 +219,8 @@ async fn sigterm_finishes_the_jobs_in_hand_and_exits_0_and_a_second_signal_stops
             >= 8
     );
 
-    // Two signals: out at once, with the jobs in hand left to the broker.
-    let mut w = spawn_worker_process(&env, &extra);
+    // Two signals: out at once; another replica takes its jobs over.
+    let mut w = WorkerProcess::start(&env, &extra);
     let before = env.mock.state.call_count();
     let state = env.mock.state.clone();
     wait_for(Duration::from_secs(20), "new calls in flight", || {
@@ -237,21 +228,20 @@ async fn sigterm_finishes_the_jobs_in_hand_and_exits_0_and_a_second_signal_stops
         async move { (s.call_count() >= before + 4).then_some(()) }
     })
     .await;
-    let pid = w.id().unwrap().to_string();
+    let pid = w.pid();
     sh("kill", &["-TERM", &pid]);
     sh("kill", &["-INT", &pid]);
     let t = Instant::now();
-    let status = tokio::time::timeout(Duration::from_secs(5), w.wait())
+    let status = tokio::time::timeout(Duration::from_secs(5), w.child.wait())
         .await
         .expect("exits")
         .unwrap();
     assert!(t.elapsed() < Duration::from_secs(1), "the second signal stops at once");
     assert_eq!(status.code(), Some(130));
-    // Nothing lost: a fresh worker finishes the batch (after the dead worker's leases).
+    // Nothing lost: a fresh worker takes over what the stopped one held and finishes the batch.
     env.mock.state.update(|c| c.latency_ms_min = 10);
-    let mut w = spawn_worker_process(&env, &extra);
+    let mut w = WorkerProcess::start(&env, &extra);
     env.wait_batch("term", Duration::from_secs(120)).await;
-    let _ = w.start_kill();
-    let _ = w.wait().await;
+    w.kill9().await;
     env.audit("term", 40).await;
 }

@@ -10,7 +10,7 @@ use common::{job_line, wait_for, TestEnv};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use sheepdog::prices::{PriceTable, Usage};
-use sheepdog::upstream::mock::MockConfig;
+use sheepdog::upstream::mock::{MockConfig, MockMode};
 
 const MODELS: &[&str] = &[
     "gpt-4.1",
@@ -148,29 +148,31 @@ async fn the_same_job_published_again_gives_one_result_and_one_call() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_that_dies_after_commit_before_ack_causes_no_second_call() {
+async fn a_worker_that_dies_after_storing_a_job_before_its_ack_causes_no_second_job_or_call() {
     let env = TestEnv::new(MockConfig::default()).await;
     env.publish(job_line("crash-1", "gpt-4.1", "hi").to_string().as_bytes())
         .await;
-    // A real worker process that exits (like kill -9) right after its commit, before the ack.
+    // A real worker process that exits (like kill -9) right after the job is stored, before
+    // the delivery's ack.
     let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_sheepdog"))
         .arg("worker")
         .env("DATABASE_URL", secrecy::ExposeSecret::expose_secret(&env.db_url))
         .env("AMQP_URL", secrecy::ExposeSecret::expose_secret(&env.amqp_url))
         .env("HOLYSHEEP_BASE_URL", env.mock.base_url())
         .env("SHEEPDOG_METRICS_ADDR", "off")
-        .env("SHEEPDOG_FAULT", "exit-after-commit")
+        .env("SHEEPDOG_FAULT", "exit-after-admit")
         .kill_on_drop(true)
         .status()
         .await
         .unwrap();
     assert_eq!(status.code(), Some(137));
     assert_eq!(
-        env.count("SELECT count(*) FROM sheepdog.job_results WHERE status = 'succeeded'")
+        env.count("SELECT count(*) FROM sheepdog.job_results WHERE status = 'queued'")
             .await,
         1
     );
-    // The broker redelivers the unacked message to the next worker, which acks it without a call.
+    // The broker redelivers the unacked message to the next worker, which finds the job
+    // already stored and acks the copy; the job is called once.
     let w = env.spawn_worker("w").await;
     let m = w.metrics.clone();
     wait_for(Duration::from_secs(30), "the redelivery to be recognised", || {
@@ -178,6 +180,7 @@ async fn a_worker_that_dies_after_commit_before_ack_causes_no_second_call() {
         async move { (m.jobs_duplicate.load(std::sync::atomic::Ordering::Relaxed) >= 1).then_some(()) }
     })
     .await;
+    env.wait_batch("default", Duration::from_secs(30)).await;
     assert_eq!(env.mock.state.call_count(), 1);
     assert_eq!(env.count("SELECT count(*) FROM sheepdog.llm_calls").await, 1);
     assert_eq!(env.queue_depth("sheepdog.jobs").await, 0);
@@ -188,7 +191,7 @@ async fn a_worker_that_dies_after_commit_before_ack_causes_no_second_call() {
 async fn a_worker_killed_mid_call_leaves_an_unknown_ledger_row_charged_at_its_reservation() {
     // The upstream hangs, so the first worker dies holding the call.
     let env = TestEnv::new(MockConfig {
-        mode: "hang".into(),
+        mode: MockMode::Hang,
         ..Default::default()
     })
     .await;
@@ -200,7 +203,6 @@ async fn a_worker_killed_mid_call_leaves_an_unknown_ledger_row_charged_at_its_re
         .env("AMQP_URL", secrecy::ExposeSecret::expose_secret(&env.amqp_url))
         .env("HOLYSHEEP_BASE_URL", env.mock.base_url())
         .env("SHEEPDOG_METRICS_ADDR", "off")
-        .env("SHEEPDOG_LEASE_SECONDS", "2")
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -217,7 +219,7 @@ async fn a_worker_killed_mid_call_leaves_an_unknown_ledger_row_charged_at_its_re
         1
     );
 
-    env.mock.state.update(|c| c.mode = "ok".into());
+    env.mock.state.update(|c| c.mode = MockMode::Ok);
     let w = env.spawn_worker("w").await;
     env.wait_batch("default", Duration::from_secs(60)).await;
     let rows: Vec<(i32, String, Decimal)> =
@@ -328,7 +330,9 @@ async fn bad_messages_are_dead_lettered_with_their_reason_while_good_jobs_go_on(
         env.publish(g.to_string().as_bytes()).await;
         good.push(g);
     }
-    let w = env.spawn_worker("w").await;
+    let mut args = env.worker_args();
+    args.message.max_message_bytes = 64 * 1024;
+    let w = env.spawn_worker_with("w", args).await;
     let m = w.metrics.clone();
     let n_bad = bad.len() as u64;
     wait_for(Duration::from_secs(30), "every bad message to be dead-lettered", || {
@@ -412,26 +416,4 @@ async fn enqueue_reports_bad_lines_and_duplicates_by_line_number() {
             .await,
         2
     );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_busy_elsewhere_goes_round_the_retry_queue_until_it_can_be_claimed_and_is_never_dropped() {
-    let env = TestEnv::new(MockConfig::default()).await;
-    // Another worker holds a live claim for 11 s (as after a kill -9), so this
-    // copy must go round the 5 s retry queue twice, a cycle RabbitMQ would drop
-    // if the message still carried its x-death history.
-    sqlx::query(
-        "INSERT INTO sheepdog.jobs (batch_id, custom_id, status, model, attempts, claim_token, lease_until)
-         VALUES ('default', 'held', 'running', 'gpt-4o', 0, gen_random_uuid(), now() + interval '11 seconds')",
-    )
-    .execute(&env.pool)
-    .await
-    .unwrap();
-    env.publish(job_line("held", "gpt-4o", "hi").to_string().as_bytes())
-        .await;
-    let w = env.spawn_worker("w").await;
-    let s = env.wait_batch("default", Duration::from_secs(45)).await;
-    assert_eq!(s.succeeded, 1);
-    assert_eq!(env.mock.state.call_count(), 1);
-    w.stop().await;
 }

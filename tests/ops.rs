@@ -9,7 +9,7 @@ use common::{job_line, wait_for, TestEnv};
 use rust_decimal::Decimal;
 use serde_json::Value;
 use sheepdog::commands::report::{render, Format};
-use sheepdog::upstream::mock::MockConfig;
+use sheepdog::upstream::mock::{MockConfig, MockMode};
 
 async fn get(url: &str) -> (u16, String) {
     let r = reqwest::get(url).await.unwrap();
@@ -25,7 +25,7 @@ fn metric(text: &str, name: &str) -> f64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_move_during_a_run_and_readyz_turns_unready_when_the_breaker_opens() {
+async fn metrics_move_during_a_run_and_readyz_turns_unready_when_the_account_breaker_opens() {
     let env = TestEnv::new(MockConfig {
         latency_ms_min: 20,
         latency_ms_max: 40,
@@ -34,9 +34,6 @@ async fn metrics_move_during_a_run_and_readyz_turns_unready_when_the_breaker_ope
     .await;
     let mut args = env.worker_args();
     args.concurrency = 4;
-    args.breaker.min_calls = 3;
-    args.breaker.window_seconds = 2.0;
-    args.breaker.cooldown_seconds = 30.0;
     let w = env.spawn_worker_with("m", args).await;
     let (_server, addr) = sheepdog::metrics::serve("127.0.0.1:0", w.metrics.clone())
         .await
@@ -80,10 +77,14 @@ async fn metrics_move_during_a_run_and_readyz_turns_unready_when_the_breaker_ope
         Decimal::from_str_exact(&cost.to_string()).unwrap().round_dp(9),
         ledger.round_dp(9)
     );
-    assert_eq!(metric(&last, "sheepdog_breaker_state{state=\"closed\"}"), 1.0);
+    assert_eq!(
+        metric(&last, "sheepdog_breaker_state{scope=\"*\",state=\"closed\"}"),
+        1.0
+    );
 
-    // The upstream fails: the breaker opens and the replica says it is not ready.
-    env.mock.state.update(|c| c.mode = "fail".into());
+    // The upstream refuses the account: the account's breaker opens and the replica says it
+    // is not ready.
+    env.mock.state.update(|c| c.mode = MockMode::Unauthorized);
     let more: Vec<Value> = (0..20).map(|i| job_line(&format!("f-{i}"), "gpt-4o", "x")).collect();
     env.enqueue_lines("failing", &more).await;
     let b = base.clone();
@@ -96,8 +97,17 @@ async fn metrics_move_during_a_run_and_readyz_turns_unready_when_the_breaker_ope
     })
     .await;
     assert!(body.contains("circuit breaker open"), "{body}");
-    let (_, text) = get(&format!("{base}/metrics")).await;
-    assert_eq!(metric(&text, "sheepdog_breaker_state{state=\"open\"}"), 1.0);
+    assert!(body.contains("account refused"), "{body}");
+    let b = base.clone();
+    let text = wait_for(Duration::from_secs(10), "/metrics to show the open breaker", || {
+        let b = b.clone();
+        async move {
+            let (_, text) = get(&format!("{b}/metrics")).await;
+            text.contains("sheepdog_breaker_state{scope=\"*\",state=\"open\"} 1")
+                .then_some(text)
+        }
+    })
+    .await;
     assert_eq!(metric(&text, "sheepdog_paused"), 1.0);
     assert_eq!(
         env.count("SELECT count(*) FROM sheepdog.job_results WHERE status = 'failed'")
@@ -110,17 +120,12 @@ async fn metrics_move_during_a_run_and_readyz_turns_unready_when_the_breaker_ope
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_turns_unready_when_the_budget_is_spent() {
     let env = TestEnv::new(MockConfig::default()).await;
-    sheepdog::limits::apply(
-        &env.pool,
-        &sheepdog::config::LimitArgs {
-            budget_usd: Some("0.001".parse().unwrap()),
-            budget_period: Some("day".into()),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let w = env.spawn_worker("b").await;
+    let limits = sheepdog::config::LimitArgs {
+        budget_usd: Some("0.001".parse().unwrap()),
+        budget_period: Some(sheepdog::limits::BudgetPeriod::Day),
+        ..Default::default()
+    };
+    let w = env.spawn_worker_limited("b", env.worker_args(), &limits).await;
     let (_server, addr) = sheepdog::metrics::serve("127.0.0.1:0", w.metrics.clone())
         .await
         .unwrap();

@@ -46,7 +46,6 @@ async fn secrets_appear_in_no_log_line_error_or_table() {
         .env("HOLYSHEEP_BASE_URL", env.mock.base_url())
         .env("HOLYSHEEP_API_KEY", &api_key)
         .env("SHEEPDOG_METRICS_ADDR", "off")
-        .env("SHEEPDOG_BREAKER_COOLDOWN_SECONDS", "0.5")
         .env("RUST_LOG", "trace")
         .stderr(std::fs::File::create(&log).unwrap())
         .stdout(std::process::Stdio::null())

@@ -1,14 +1,12 @@
-//! RabbitMQ: connecting, the topology (`sheepdog.jobs`, `sheepdog.dead`, the
-//! retry tiers), and publishing with confirms.
-
-use std::time::Duration;
+//! RabbitMQ: connecting, the topology (`sheepdog.jobs`, `sheepdog.dead`), every header name
+//! and every publish (dead letters, the outbox, replays), always with confirms.
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::store::{redact_url, scrub};
+use crate::redact::{redact_url, scrub};
 
 /// The queue producers publish to (default exchange, this routing key).
 pub const JOBS_QUEUE: &str = "sheepdog.jobs";
@@ -16,25 +14,8 @@ pub const JOBS_QUEUE: &str = "sheepdog.jobs";
 pub const DEAD_QUEUE: &str = "sheepdog.dead";
 /// Header carrying a dead letter's reason.
 pub const ERROR_HEADER: &str = "x-sheepdog-error";
-/// Header counting how often a job went round the retry queues.
-pub const RETRIES_HEADER: &str = "x-sheepdog-retries";
-/// Delay tiers: a message published to `sheepdog.delay.<N>s` comes back to
-/// `sheepdog.jobs` after N seconds.
-pub const RETRY_TIERS_SECONDS: &[u64] = &[1, 5, 30, 120, 600];
-
-pub fn retry_queue(seconds: u64) -> String {
-    format!("sheepdog.delay.{seconds}s")
-}
-
-/// The shortest tier at least `delay` long (the longest tier past it).
-pub fn retry_tier_for(delay: Duration) -> u64 {
-    let secs = delay.as_secs_f64();
-    RETRY_TIERS_SECONDS
-        .iter()
-        .copied()
-        .find(|t| *t as f64 >= secs)
-        .unwrap_or(*RETRY_TIERS_SECONDS.last().unwrap())
-}
+/// Header counting how often `dead replay` sent a message back.
+pub const REPLAYS_HEADER: &str = "x-sheepdog-replays";
 
 /// Connects, naming the connection so operators can tell replicas apart.
 pub async fn connect(url: &SecretString, name: &str) -> anyhow::Result<Connection> {
@@ -69,26 +50,6 @@ pub async fn declare_topology(channel: &Channel) -> anyhow::Result<()> {
     dead.insert(ShortString::from("x-queue-type"), str_value("quorum"));
     channel.queue_declare(DEAD_QUEUE.into(), durable, dead).await?;
 
-    // The delay tiers are quorum queues with at-least-once dead-lettering: an
-    // expired message moves back to `sheepdog.jobs` only once that queue has
-    // confirmed it. (A classic queue dead-letters at most once: a message that
-    // expires while `sheepdog.jobs` is unavailable, as during a broker restart,
-    // is dropped. The fault suite lost jobs that way.)
-    for secs in RETRY_TIERS_SECONDS {
-        let mut args = FieldTable::default();
-        args.insert(ShortString::from("x-queue-type"), str_value("quorum"));
-        args.insert(ShortString::from("x-dead-letter-strategy"), str_value("at-least-once"));
-        args.insert(ShortString::from("x-overflow"), str_value("reject-publish"));
-        args.insert(
-            ShortString::from("x-message-ttl"),
-            AMQPValue::LongLongInt((*secs * 1000) as i64),
-        );
-        args.insert(ShortString::from("x-dead-letter-exchange"), str_value(""));
-        args.insert(ShortString::from("x-dead-letter-routing-key"), str_value(JOBS_QUEUE));
-        channel
-            .queue_declare(retry_queue(*secs).as_str().into(), durable, args)
-            .await?;
-    }
     Ok(())
 }
 
@@ -199,4 +160,92 @@ pub fn headers_with(props: &BasicProperties, set: &[(&str, AMQPValue)]) -> Field
 
 pub fn string_value(s: &str) -> AMQPValue {
     str_value(s)
+}
+
+/// Publishes a delivery, body and headers unchanged, to `sheepdog.dead` with its reason in
+/// `x-sheepdog-error`, and waits for the confirm.
+pub async fn dead_letter(ch: &Channel, delivery: &lapin::message::Delivery, reason: &str) -> Result<(), PublishError> {
+    let headers = headers_with(&delivery.properties, &[(ERROR_HEADER, str_value(reason))]);
+    let props = delivery.properties.clone().with_headers(headers).with_delivery_mode(2);
+    publish_confirmed(ch, DEAD_QUEUE, &delivery.data, props).await
+}
+
+/// Sends a dead letter back to `sheepdog.jobs` (`dead replay`): its reason dropped, its replay
+/// count raised.
+pub async fn replay(ch: &Channel, delivery: &lapin::message::Delivery) -> Result<(), PublishError> {
+    let n = header_u32(&delivery.properties, REPLAYS_HEADER).unwrap_or(0) + 1;
+    let mut map = headers_with(
+        &delivery.properties,
+        &[(REPLAYS_HEADER, AMQPValue::LongLongInt(n as i64))],
+    )
+    .inner()
+    .clone();
+    map.retain(|k, _| k.as_str() != ERROR_HEADER);
+    let props = delivery
+        .properties
+        .clone()
+        .with_headers(FieldTable::from(map))
+        .with_delivery_mode(2);
+    publish_confirmed(ch, JOBS_QUEUE, &delivery.data, props).await
+}
+
+/// Publishes outbox messages, pipelined, and waits for every confirm. Messages for the default
+/// exchange (queues) are `mandatory`: a missing queue is an error. One result per message.
+pub async fn publish_outbox(
+    ch: &Channel,
+    messages: &[crate::store::outbox::OutboxMessage],
+) -> Vec<Result<(), PublishError>> {
+    let mut pending = Vec::with_capacity(messages.len());
+    for m in messages {
+        let mut headers = FieldTable::default();
+        if let Some(obj) = m.headers.0.as_object() {
+            for (k, v) in obj {
+                let v = match v {
+                    serde_json::Value::String(s) => str_value(s),
+                    other => str_value(&other.to_string()),
+                };
+                headers.insert(ShortString::from(k.clone()), v);
+            }
+        }
+        let props = job_properties(Some(headers));
+        let mandatory = m.exchange.is_empty();
+        let r = ch
+            .basic_publish(
+                m.exchange.as_str().into(),
+                m.routing_key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory,
+                    ..Default::default()
+                },
+                &m.body,
+                props,
+            )
+            .await;
+        pending.push(r);
+    }
+    let mut out = Vec::with_capacity(messages.len());
+    for (m, r) in messages.iter().zip(pending) {
+        let r = match r {
+            Ok(confirm) => match confirm.await {
+                Ok(Confirmation::Ack(Some(_))) if !m.exchange.is_empty() => Ok(()),
+                Ok(c) => check_confirmation(c, &m.routing_key),
+                Err(e) => Err(PublishError::Amqp(e)),
+            },
+            Err(e) => Err(PublishError::Amqp(e)),
+        };
+        out.push(r);
+    }
+    out
+}
+
+/// Messages ready in a queue.
+pub async fn queue_depth(ch: &Channel, queue: &str) -> Result<u32, lapin::Error> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    Ok(ch
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await?
+        .message_count())
 }

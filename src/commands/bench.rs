@@ -12,6 +12,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{LimitArgs, UpstreamArgs, WorkerArgs};
+use crate::limits::{BudgetPeriod, LimitChange};
 use crate::upstream::mock::CallRecord;
 use crate::upstream::mock::{MockConfig, MockServer};
 
@@ -38,9 +39,6 @@ pub struct BenchArgs {
     /// Spend budget (USD, period `total`) for the run: it ends when the budget does.
     #[arg(long = "budget")]
     pub budget: Option<Decimal>,
-    /// Seconds to measure the global bucket's own cost (acquisitions/s, p99); 0 skips it.
-    #[arg(long, default_value_t = 5.0)]
-    pub bucket_seconds: f64,
     /// Also write the JSON result to this file.
     #[arg(long)]
     pub json_out: Option<std::path::PathBuf>,
@@ -68,8 +66,6 @@ pub struct BenchResult {
     pub peak_rss_mib: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limits: Option<LimitReport>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub bucket: Option<BucketReport>,
 }
 
 /// How a limit run used its limits, measured at the mock.
@@ -89,15 +85,6 @@ pub struct LimitReport {
     pub spent_usd: Option<String>,
     pub jobs_done_within_budget: Option<i64>,
     pub failed_jobs: i64,
-}
-
-/// The cost of the global bucket itself: concurrent `sheepdog.acquire` calls.
-#[derive(Debug, Default, Serialize)]
-pub struct BucketReport {
-    pub tasks: usize,
-    pub acquisitions_per_second: f64,
-    pub p50_ms: f64,
-    pub p99_ms: f64,
 }
 
 fn peak_rss_mib() -> f64 {
@@ -123,21 +110,17 @@ pub async fn run(
     let database_url = &bench_database(database_url)?;
     let pool = super::migrate(database_url, amqp_url).await?;
     refuse_if_consumed(amqp_url).await?;
-    reset_limits(&pool).await?;
+    // Nothing left from an earlier run: no limits until the workers bring this run's.
+    crate::limits::apply(&pool, crate::limits::ALL, &unlimited()).await?;
     let limit_run = b.rpm.is_some() || b.tpm.is_some() || b.budget.is_some();
-    if limit_run {
-        crate::limits::apply(
-            &pool,
-            &LimitArgs {
-                rpm: b.rpm,
-                tpm: b.tpm,
-                burst_seconds: Some(Decimal::ONE),
-                budget_usd: b.budget,
-                budget_period: Some("total".into()),
-            },
-        )
-        .await?;
-    }
+    // The run's limits go to the workers, which store them when they start, as users run it.
+    let limits = LimitArgs {
+        rpm: b.rpm,
+        tpm: b.tpm,
+        burst_seconds: None,
+        budget_usd: b.budget,
+        budget_period: b.budget.map(|_| BudgetPeriod::Total),
+    };
     let mock = MockServer::start(
         "127.0.0.1:0",
         MockConfig {
@@ -170,7 +153,15 @@ pub async fn run(
     let mut handles = Vec::new();
     let mut metrics = Vec::new();
     for i in 0..b.replicas.max(1) {
-        let w = super::build_worker(database_url, amqp_url, &upstream, &worker, format!("bench-worker-{i}")).await?;
+        let w = super::build_worker(
+            database_url,
+            amqp_url,
+            &upstream,
+            &worker,
+            &limits,
+            format!("bench-worker-{i}"),
+        )
+        .await?;
         metrics.push(w.metrics.clone());
         let s = shutdown.clone();
         handles.push(tokio::spawn(async move { Arc::clone(&w).run(s).await }));
@@ -189,7 +180,7 @@ pub async fn run(
         amqp_url.clone(),
         input.clone(),
         batch_id.clone(),
-        worker.max_message_bytes,
+        worker.message.max_message_bytes,
     );
     let enqueue = tokio::spawn(async move {
         let t = Instant::now();
@@ -204,9 +195,9 @@ pub async fn run(
         }
         // A budget run ends when every replica has paused on the budget.
         if b.budget.is_some()
-            && metrics.iter().all(|m| {
-                m.paused.lock().unwrap().is_some() && m.in_flight.load(std::sync::atomic::Ordering::Relaxed) == 0
-            })
+            && metrics
+                .iter()
+                .all(|m| m.health.paused().is_some() && m.in_flight.load(std::sync::atomic::Ordering::Relaxed) == 0)
         {
             break;
         }
@@ -231,7 +222,8 @@ pub async fn run(
         // Lift the budget so the rest of the batch drains (not measured).
         crate::limits::apply(
             &pool,
-            &LimitArgs {
+            crate::limits::ALL,
+            &LimitChange {
                 budget_usd: Some(Decimal::ZERO),
                 ..Default::default()
             },
@@ -256,26 +248,9 @@ pub async fn run(
         h.await??;
     }
 
-    let row: (f64, f64, f64, f64, f64, f64) = sqlx::query_as(
-        r#"SELECT
-             percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at) * 1000),
-             percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at) * 1000),
-             percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at) * 1000),
-             percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at) * 1000),
-             percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms),
-             percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms)
-           FROM sheepdog.jobs WHERE batch_id = $1"#,
-    )
-    .bind(&batch_id)
-    .fetch_one(&pool)
-    .await?;
+    let row = crate::store::report::latency_percentiles(&pool, &batch_id).await?;
     let calls = calls_in_run;
-    let bucket = if b.bucket_seconds > 0.0 {
-        Some(bucket_cost(&pool, b.bucket_seconds).await?)
-    } else {
-        None
-    };
-    reset_limits(&pool).await?;
+    crate::limits::apply(&pool, crate::limits::ALL, &unlimited()).await?;
     let mut own: Vec<u64> = calls.iter().map(|c| c.latency_ms).collect();
     own.sort_unstable();
     let own_p50 = own.get(own.len() / 2).copied().unwrap_or(0) as f64;
@@ -300,7 +275,6 @@ pub async fn run(
         upstream_calls: calls.len(),
         peak_rss_mib: round(peak_rss_mib()),
         limits,
-        bucket,
     };
     print_result(&result);
     if let Some(p) = &b.json_out {
@@ -342,18 +316,14 @@ async fn refuse_if_consumed(amqp_url: &SecretString) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn reset_limits(pool: &PgPool) -> anyhow::Result<()> {
-    sqlx::query(
-        "UPDATE sheepdog.limits SET rpm = NULL, tpm = NULL, budget_usd = NULL, burst_seconds = 1,
-                req_level = 0, tok_level = 0, bucket_at = now(), paused_until = NULL, pause_reason = NULL
-          WHERE id = 1",
-    )
-    .execute(pool)
-    .await?;
-    sqlx::query("TRUNCATE sheepdog.budget, sheepdog.reservations")
-        .execute(pool)
-        .await?;
-    Ok(())
+fn unlimited() -> LimitChange {
+    LimitChange {
+        rpm: Some(Decimal::ZERO),
+        tpm: Some(Decimal::ZERO),
+        burst_seconds: Some(Decimal::ONE),
+        budget_usd: Some(Decimal::ZERO),
+        budget_period: None,
+    }
 }
 
 /// The most requests and tokens that arrived at the mock in any window of `secs`.
@@ -395,21 +365,7 @@ async fn limit_report(
             .and_then(|l| l.to_f64())
             .map(|l| round(100.0 * (used - l / 60.0) / (l * span_min)))
     };
-    let spent: Decimal =
-        sqlx::query_scalar("SELECT coalesce(sum(cost_usd), 0) FROM sheepdog.llm_calls WHERE batch_id = $1")
-            .bind(batch_id)
-            .fetch_one(pool)
-            .await?;
-    let done: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM sheepdog.jobs WHERE batch_id = $1 AND status = 'succeeded'")
-            .bind(batch_id)
-            .fetch_one(pool)
-            .await?;
-    let failed: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM sheepdog.jobs WHERE batch_id = $1 AND status = 'failed'")
-            .bind(batch_id)
-            .fetch_one(pool)
-            .await?;
+    let (spent, done, failed) = crate::store::report::spend_and_counts(pool, batch_id).await?;
     let bound = |l: Option<Decimal>| l.and_then(|l| l.to_f64()).map(|l| l * 61.0 / 60.0);
     Ok(LimitReport {
         rpm_limit: b.rpm.map(|v| v.to_string()),
@@ -426,42 +382,6 @@ async fn limit_report(
         spent_usd: b.budget.map(|_| spent.normalize().to_string()),
         jobs_done_within_budget: b.budget.map(|_| done),
         failed_jobs: failed,
-    })
-}
-
-/// Hammers `sheepdog.acquire` from many tasks and connections for `secs`
-/// (limits set so high that every call is granted): the bucket's own ceiling.
-async fn bucket_cost(pool: &PgPool, secs: f64) -> anyhow::Result<BucketReport> {
-    sqlx::query("UPDATE sheepdog.limits SET rpm = 1e12, tpm = 1e15, budget_usd = NULL WHERE id = 1")
-        .execute(pool)
-        .await?;
-    let tasks = 16;
-    let until = std::time::Instant::now() + Duration::from_secs_f64(secs);
-    let mut joins = Vec::new();
-    for _ in 0..tasks {
-        let p = pool.clone();
-        joins.push(tokio::spawn(async move {
-            let mut h = hdrhistogram::Histogram::<u64>::new(3).unwrap();
-            while std::time::Instant::now() < until {
-                let t = std::time::Instant::now();
-                let _: (bool,) = sqlx::query_as("SELECT granted FROM sheepdog.acquire($1, 100, 0)")
-                    .bind(uuid::Uuid::new_v4())
-                    .fetch_one(&p)
-                    .await?;
-                h.record(t.elapsed().as_micros() as u64).ok();
-            }
-            Ok::<_, sqlx::Error>(h)
-        }));
-    }
-    let mut all = hdrhistogram::Histogram::<u64>::new(3).unwrap();
-    for j in joins {
-        all.add(j.await??).ok();
-    }
-    Ok(BucketReport {
-        tasks,
-        acquisitions_per_second: round(all.len() as f64 / secs),
-        p50_ms: round(all.value_at_quantile(0.5) as f64 / 1000.0),
-        p99_ms: round(all.value_at_quantile(0.99) as f64 / 1000.0),
     })
 }
 

@@ -2,13 +2,12 @@
 //! dead-lettered jobs after their cause is fixed.
 
 use lapin::options::{BasicAckOptions, BasicGetOptions};
-use lapin::types::{AMQPValue, FieldTable};
 use secrecy::SecretString;
 use serde::Serialize;
 use serde_json::Value;
 use sqlx::PgPool;
 
-use crate::amqp::{self, DEAD_QUEUE, ERROR_HEADER, JOBS_QUEUE};
+use crate::amqp::{self, DEAD_QUEUE, ERROR_HEADER};
 use crate::job::{JobId, DEFAULT_BATCH};
 
 /// One dead letter, as `dead list` shows it.
@@ -104,19 +103,9 @@ pub async fn replay(
             continue; // left unacked: back in the queue when the channel closes
         }
         if let Some(id) = &id {
-            crate::store::jobs::reopen_failed(pool, id).await?;
+            crate::store::intake::reopen_failed(pool, id).await?;
         }
-        let n = amqp::header_u32(&d.properties, "x-sheepdog-replays").unwrap_or(0) + 1;
-        let mut map = amqp::headers_with(
-            &d.properties,
-            &[("x-sheepdog-replays", AMQPValue::LongLongInt(n as i64))],
-        )
-        .inner()
-        .clone();
-        map.retain(|k, _| k.as_str() != ERROR_HEADER);
-        let headers = FieldTable::from(map);
-        let props = d.properties.clone().with_headers(headers).with_delivery_mode(2);
-        amqp::publish_confirmed(&publish, JOBS_QUEUE, &d.data, props).await?;
+        amqp::replay(&publish, &d).await?;
         d.ack(BasicAckOptions::default()).await?;
         r.replayed += 1;
     }

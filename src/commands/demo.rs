@@ -51,8 +51,15 @@ pub async fn run(
     std::fs::create_dir_all(&dir)?;
     let input = dir.join("batch.jsonl");
     std::fs::write(&input, DEMO_BATCH)?;
-    let report =
-        super::enqueue::enqueue_file(&pool, amqp_url, &input, &batch_id, worker.max_message_bytes, true).await?;
+    let report = super::enqueue::enqueue_file(
+        &pool,
+        amqp_url,
+        &input,
+        &batch_id,
+        worker.message.max_message_bytes,
+        true,
+    )
+    .await?;
     println!(
         "3/5 enqueue: {} jobs published to sheepdog.jobs as batch {batch_id}",
         report.published
@@ -63,7 +70,15 @@ pub async fn run(
     let shutdown = CancellationToken::new();
     let mut handles = Vec::new();
     for i in 0..replicas.max(1) {
-        let w = super::build_worker(database_url, amqp_url, &upstream, &worker, format!("demo-worker-{i}")).await?;
+        let w = super::build_worker(
+            database_url,
+            amqp_url,
+            &upstream,
+            &worker,
+            &Default::default(),
+            format!("demo-worker-{i}"),
+        )
+        .await?;
         let s = shutdown.clone();
         handles.push(tokio::spawn(async move { Arc::clone(&w).run(s).await }));
     }
@@ -82,7 +97,7 @@ pub async fn run(
     print!("{}", super::status::render_status(&pool, &status).await?);
     println!(
         "\nThe results are in Postgres; try:\n  psql {} -c \"SELECT custom_id, status, model, cost_usd FROM sheepdog.job_results WHERE batch_id = '{batch_id}' ORDER BY custom_id LIMIT 5\"",
-        crate::store::redact_url(secrecy::ExposeSecret::expose_secret(database_url))
+        crate::redact::redact_url(secrecy::ExposeSecret::expose_secret(database_url))
     );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

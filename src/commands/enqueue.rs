@@ -177,7 +177,7 @@ async fn flush(
     let ids: Vec<String> = chunk.iter().map(|p| p.custom_id.clone()).collect();
     let models: Vec<String> = chunk.iter().map(|p| p.model.clone()).collect();
     let metadata: Vec<Option<Value>> = chunk.iter().map(|p| p.metadata.clone()).collect();
-    report.new_jobs += crate::store::jobs::register_queued(pool, batch_id, &ids, &models, &metadata)
+    report.new_jobs += crate::store::intake::register_queued(pool, batch_id, &ids, &models, &metadata)
         .await
         .context("recording the batch in Postgres")?;
 

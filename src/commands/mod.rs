@@ -1,9 +1,10 @@
-//! The commands of the `sheepdog` binary.
+//! The commands of the `sheepdog` binary. Each owns its output and its exit code.
 
 pub mod bench;
 pub mod dead;
 pub mod demo;
 pub mod enqueue;
+pub mod limits;
 pub mod report;
 pub mod status;
 
@@ -13,8 +14,7 @@ use anyhow::Context;
 use secrecy::SecretString;
 use sqlx::PgPool;
 
-use crate::config::{UpstreamArgs, WorkerArgs};
-use crate::metrics::Metrics;
+use crate::config::{LimitArgs, UpstreamArgs, WorkerArgs};
 use crate::prices::PriceTable;
 use crate::upstream::Client;
 use crate::worker::Worker;
@@ -32,40 +32,42 @@ pub async fn migrate(database_url: &SecretString, amqp_url: &SecretString) -> an
     Ok(pool)
 }
 
-/// Checks that `migrate` has run against this database.
-pub async fn require_schema(pool: &PgPool) -> anyhow::Result<()> {
-    let ok: bool = sqlx::query_scalar("SELECT to_regclass('sheepdog.jobs') IS NOT NULL")
-        .fetch_one(pool)
-        .await?;
-    anyhow::ensure!(ok, "the database has no sheepdog schema: run `sheepdog migrate` first");
-    Ok(())
+/// Connects to the database and checks that `migrate` has run against it.
+pub async fn open_db(database_url: &SecretString) -> anyhow::Result<PgPool> {
+    let pool = crate::store::connect(database_url, 2).await?;
+    crate::store::require_schema(&pool).await?;
+    Ok(pool)
 }
 
-/// Builds a replica: its own pool, HTTP client and metrics.
+/// Builds a replica: its own pool, HTTP client and metrics. Limits given to it (flags or
+/// environment) are stored as the shared limits before it exists, so before its first call.
 pub async fn build_worker(
     database_url: &SecretString,
     amqp_url: &SecretString,
     upstream: &UpstreamArgs,
     args: &WorkerArgs,
+    limits: &LimitArgs,
     name: String,
 ) -> anyhow::Result<Arc<Worker>> {
     let pool = crate::store::connect(database_url, (args.concurrency as u32 / 8).clamp(4, 32)).await?;
-    require_schema(&pool).await?;
+    crate::store::require_schema(&pool).await?;
+    let change = limits.change();
+    if !change.is_empty() {
+        crate::limits::apply(&pool, crate::limits::ALL, &change).await?;
+        tracing::info!(?change, "shared limits set from this replica's settings");
+    }
     let prices = PriceTable::load(args.prices.as_deref())?;
     let client = Client::new(upstream, args.concurrency as usize)?;
-    let limiter = crate::limits::Limiter::start(pool.clone()).await?;
-    let owner = format!("{name}/{}", uuid::Uuid::new_v4().simple());
-    let breaker = crate::limits::breaker::Breaker::start(pool.clone(), args.breaker.clone(), owner).await?;
+    let replica = crate::store::liveness::register(&pool, &name).await?;
     Ok(Worker::new(
         pool,
+        crate::store::connect_options(database_url)?,
         client,
         prices,
         args.clone(),
         amqp_url.clone(),
         name,
-        Arc::new(Metrics::default()),
-        limiter,
-        breaker,
+        replica,
     ))
 }
 

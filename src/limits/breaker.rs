@@ -1,243 +1,246 @@
-//! The global circuit breaker (contract §5): closed → open when failures cross a
-//! threshold → after a growing cooldown, half-open with exactly one probe across
-//! all replicas → closed when the probe succeeds.
+//! Circuit breakers shared by every replica (contract §5), one per scope: `*` for the account
+//! and the upstream as a whole, and one per model. Closed → open when failures cross a
+//! threshold → after a growing cooldown, dispatch grants exactly one probe across all replicas
+//! (half-open) → closed when the probe succeeds, open again for longer when it fails.
 //!
-//! The decision to trip is local and fast: each replica keeps a sliding window
-//! of its own recent calls. The state is global: it lives in Postgres
-//! (`migrations/0003_breaker.sql`) and reaches every replica through
-//! LISTEN/NOTIFY, with a poll as a safety net.
+//! The decision to trip is local and fast: each replica keeps a sliding window of its own
+//! recent calls, per model and overall. Failures of one model open that model's breaker only.
+//! The account-wide breaker opens when the upstream cannot be reached at all, when failures
+//! cross the threshold across more than one model, or at once when the account is refused
+//! (401/402/403). The state lives in Postgres; dispatch reads it in its own transaction.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use clap::Args;
-use sqlx::postgres::PgListener;
 use sqlx::PgPool;
-use tokio::sync::watch;
 
-/// Breaker settings.
-#[derive(Args, Clone, Debug)]
-pub struct BreakerArgs {
-    /// Seconds of calls the failure rate is measured over.
-    #[arg(
-        long = "breaker-window",
-        env = "SHEEPDOG_BREAKER_WINDOW_SECONDS",
-        default_value_t = 30.0
-    )]
-    pub window_seconds: f64,
-    /// Share of failed calls (5xx, timeouts, connection errors) that opens the breaker.
-    #[arg(
-        long = "breaker-failure-rate",
-        env = "SHEEPDOG_BREAKER_FAILURE_RATE",
-        default_value_t = 0.5
-    )]
+pub use super::plan::BreakerState;
+use super::plan::ALL;
+use crate::store::StoreError;
+
+/// How a breaker trips and cools down.
+#[derive(Clone, Debug)]
+pub struct BreakerSettings {
+    pub window: Duration,
     pub failure_rate: f64,
-    /// Calls the window must hold before the rate counts.
-    #[arg(long = "breaker-min-calls", env = "SHEEPDOG_BREAKER_MIN_CALLS", default_value_t = 10)]
     pub min_calls: usize,
-    /// First cooldown before a probe, in seconds; doubles on each repeated trip.
-    #[arg(
-        long = "breaker-cooldown",
-        env = "SHEEPDOG_BREAKER_COOLDOWN_SECONDS",
-        default_value_t = 5.0
-    )]
     pub cooldown_seconds: f64,
-    /// Longest cooldown, in seconds.
-    #[arg(
-        long = "breaker-max-cooldown",
-        env = "SHEEPDOG_BREAKER_MAX_COOLDOWN_SECONDS",
-        default_value_t = 300.0
-    )]
     pub max_cooldown_seconds: f64,
 }
 
-impl Default for BreakerArgs {
-    fn default() -> Self {
-        BreakerArgs {
-            window_seconds: 30.0,
-            failure_rate: 0.5,
-            min_calls: 10,
-            cooldown_seconds: 5.0,
-            max_cooldown_seconds: 300.0,
-        }
-    }
+/// What one call says about the upstream's health.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// It answered (2xx, 4xx, 429): the upstream works.
+    Answered,
+    /// This model failed (5xx, timeout, cut connection).
+    ModelFailed,
+    /// The upstream could not be reached at all (connection refused, DNS).
+    Unreachable,
 }
 
-/// The shared breaker as a replica last saw it.
-#[derive(Debug, Clone, PartialEq, Default)]
+/// A breaker as stored.
+#[derive(Debug, Clone, PartialEq)]
 pub struct BreakerView {
-    pub state: String,
-    pub since: Option<DateTime<Utc>>,
+    pub scope: String,
+    pub state: BreakerState,
+    pub since: DateTime<Utc>,
     pub reason: Option<String>,
     pub open_until: Option<DateTime<Utc>>,
 }
 
-impl BreakerView {
-    pub fn closed(&self) -> bool {
-        self.state == "closed" || self.state.is_empty()
-    }
+type BreakerRow = (
+    String,
+    BreakerState,
+    DateTime<Utc>,
+    Option<String>,
+    Option<DateTime<Utc>>,
+);
+
+/// Every breaker that is not closed, and `*` whatever its state.
+pub async fn read_all(pool: &PgPool) -> Result<Vec<BreakerView>, StoreError> {
+    let rows: Vec<BreakerRow> = sqlx::query_as(
+        "SELECT scope, state, since, reason, open_until FROM sheepdog.breakers
+          WHERE scope = '*' OR state <> 'closed' ORDER BY scope <> '*', scope",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| BreakerView {
+            scope: r.0,
+            state: r.1,
+            since: r.2,
+            reason: r.3,
+            open_until: r.4,
+        })
+        .collect())
 }
 
-pub struct Breaker {
+/// A replica's recent calls: per model (when, failed), and all of them (when, the failing model
+/// or `*` for an unreachable upstream).
+#[derive(Default)]
+struct Windows {
+    models: HashMap<String, VecDeque<(Instant, bool)>>,
+    all: VecDeque<(Instant, Option<String>)>,
+}
+
+/// One replica's view of its own calls, and its hands on the shared breakers.
+pub struct Breakers {
     pool: PgPool,
-    cfg: BreakerArgs,
-    /// Who this replica is, as a probe owner.
-    owner: String,
-    window: Mutex<VecDeque<(Instant, bool)>>,
-    view: watch::Sender<BreakerView>,
+    cfg: BreakerSettings,
+    windows: Mutex<Windows>,
 }
 
-pub async fn read(pool: &PgPool) -> sqlx::Result<BreakerView> {
-    let r: (String, DateTime<Utc>, Option<String>, Option<DateTime<Utc>>) =
-        sqlx::query_as("SELECT state, since, reason, open_until FROM sheepdog.breaker WHERE id = 1")
-            .fetch_one(pool)
-            .await?;
-    Ok(BreakerView {
-        state: r.0,
-        since: Some(r.1),
-        reason: r.2,
-        open_until: r.3,
-    })
-}
-
-impl Breaker {
-    /// Reads the shared state and follows it (NOTIFY, and a poll every second).
-    pub async fn start(pool: PgPool, cfg: BreakerArgs, owner: String) -> anyhow::Result<Arc<Breaker>> {
-        let (view, _) = watch::channel(read(&pool).await?);
-        let b = Arc::new(Breaker {
-            pool: pool.clone(),
+impl Breakers {
+    pub fn new(pool: PgPool, cfg: BreakerSettings) -> Breakers {
+        Breakers {
+            pool,
             cfg,
-            owner,
-            window: Mutex::new(VecDeque::new()),
-            view,
-        });
-        let weak = Arc::downgrade(&b);
-        tokio::spawn(async move {
-            let mut listener = None;
-            loop {
-                let Some(b) = weak.upgrade() else { return };
-                if listener.is_none() {
-                    if let Ok(mut l) = PgListener::connect_with(&pool).await {
-                        if l.listen("sheepdog_breaker").await.is_ok() {
-                            listener = Some(l);
-                        }
-                    }
-                }
-                b.refresh().await;
-                drop(b);
-                match listener.as_mut() {
-                    Some(l) => match tokio::time::timeout(Duration::from_secs(1), l.try_recv()).await {
-                        Ok(Ok(Some(_))) | Err(_) => {}
-                        // The connection dropped: reconnect on the next turn.
-                        Ok(Ok(None)) | Ok(Err(_)) => listener = None,
-                    },
-                    None => tokio::time::sleep(Duration::from_secs(1)).await,
-                }
-            }
-        });
-        Ok(b)
-    }
-
-    async fn refresh(&self) {
-        if let Ok(v) = read(&self.pool).await {
-            self.view.send_if_modified(|cur| {
-                let changed = *cur != v;
-                *cur = v;
-                changed
-            });
+            windows: Mutex::new(Windows::default()),
         }
     }
 
-    pub fn view(&self) -> BreakerView {
-        self.view.borrow().clone()
-    }
-
-    pub fn subscribe(&self) -> watch::Receiver<BreakerView> {
-        self.view.subscribe()
-    }
-
-    /// Records a call's outcome in this replica's window; opens the shared
-    /// breaker when the failure rate crosses the threshold.
-    pub async fn record(&self, failed: bool, what: &str) {
+    /// Records a call in this replica's windows; opens a shared breaker when its window
+    /// crosses the threshold. Returns the scope it opened, if any.
+    pub async fn record(&self, model: &str, health: Health, what: &str) -> Option<String> {
         let trip = {
-            let mut w = self.window.lock().unwrap();
+            let mut w = self.windows.lock().unwrap();
+            let Windows { models, all } = &mut *w;
             let now = Instant::now();
-            w.push_back((now, failed));
-            let horizon = Duration::from_secs_f64(self.cfg.window_seconds.max(0.1));
-            while w.front().is_some_and(|(t, _)| now.duration_since(*t) > horizon) {
-                w.pop_front();
+            let horizon = self.cfg.window;
+            let failed = health != Health::Answered;
+            let mw = models.entry(model.to_string()).or_default();
+            mw.push_back((now, failed));
+            while mw.front().is_some_and(|(t, _)| now.duration_since(*t) > horizon) {
+                mw.pop_front();
             }
-            let failures = w.iter().filter(|(_, f)| *f).count();
-            let trip = failed
-                && w.len() >= self.cfg.min_calls.max(1)
-                && failures as f64 >= self.cfg.failure_rate * w.len() as f64;
-            if trip {
-                let calls = w.len();
-                w.clear();
-                Some(format!("{failures} of the last {calls} calls failed; last: {what}"))
+            let tag = match health {
+                Health::Answered => None,
+                Health::ModelFailed => Some(model.to_string()),
+                Health::Unreachable => Some(ALL.to_string()),
+            };
+            all.push_back((now, tag));
+            while all.front().is_some_and(|(t, _)| now.duration_since(*t) > horizon) {
+                all.pop_front();
+            }
+            let crossed = |calls: usize, failures: usize| {
+                calls >= self.cfg.min_calls && failures as f64 >= self.cfg.failure_rate * calls as f64
+            };
+            let failing: Vec<&String> = all.iter().filter_map(|(_, t)| t.as_ref()).collect();
+            let unreachable = failing.iter().filter(|t| t.as_str() == ALL).count();
+            let models_failing: HashSet<&String> = failing.iter().copied().filter(|t| t.as_str() != ALL).collect();
+            let model_failures = mw.iter().filter(|(_, f)| *f).count();
+            if !failed {
+                None
+            } else if crossed(all.len(), unreachable) || (models_failing.len() > 1 && crossed(all.len(), failing.len()))
+            {
+                let why = format!(
+                    "{} of the last {} calls failed across {} model(s); last: {what}",
+                    failing.len(),
+                    all.len(),
+                    models_failing.len().max(1)
+                );
+                all.clear();
+                models.clear();
+                Some((ALL.to_string(), why))
+            } else if health == Health::ModelFailed && crossed(mw.len(), model_failures) {
+                let why = format!(
+                    "{model_failures} of the last {} calls of {model} failed; last: {what}",
+                    mw.len()
+                );
+                mw.clear();
+                all.retain(|(_, t)| t.as_deref() != Some(model));
+                Some((model.to_string(), why))
             } else {
                 None
             }
         };
-        if let Some(reason) = trip {
-            self.trip(&reason).await;
-        }
+        let (scope, reason) = trip?;
+        self.trip(&scope, &reason).await;
+        Some(scope)
     }
 
-    /// Opens the shared breaker now (a failed probe, or the account refused).
-    pub async fn trip(&self, reason: &str) {
-        let r: sqlx::Result<String> = sqlx::query_scalar("SELECT sheepdog.breaker_trip($1, $2, $3)")
-            .bind(reason)
-            .bind(self.cfg.cooldown_seconds)
-            .bind(self.cfg.max_cooldown_seconds)
-            .fetch_one(&self.pool)
-            .await;
-        match r {
-            Ok(s) if s == "opened" => tracing::error!(%reason, "circuit breaker opened for every replica"),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "could not open the shared breaker"),
+    /// Opens a shared breaker now (a failed probe, a refused account, a window crossed).
+    pub async fn trip(&self, scope: &str, reason: &str) {
+        match trip(&self.pool, scope, reason, &self.cfg).await {
+            Ok(true) => tracing::error!(scope, %reason, "circuit breaker opened for every replica"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(scope, error = %e, "could not open the shared breaker"),
         }
-        self.refresh().await;
-    }
-
-    /// Tries to become the one replica that probes; `lease` bounds how long.
-    pub async fn claim_probe(&self, lease: Duration) -> bool {
-        let r: sqlx::Result<bool> = sqlx::query_scalar("SELECT sheepdog.breaker_claim_probe($1, $2)")
-            .bind(&self.owner)
-            .bind(lease.as_secs_f64())
-            .fetch_one(&self.pool)
-            .await;
-        let won = r.unwrap_or(false);
-        if won {
-            tracing::info!("breaker half-open: this replica sends the one probe");
-            self.refresh().await;
-        }
-        won
     }
 
     /// The probe's outcome: close the breaker, or open it again for longer.
-    pub async fn probe_result(&self, ok: bool, what: &str) {
+    pub async fn probe_result(&self, scope: &str, replica: i64, ok: bool, what: &str) {
         if ok {
-            let _ = sqlx::query("SELECT sheepdog.breaker_close($1)")
-                .bind(&self.owner)
-                .execute(&self.pool)
-                .await;
-            self.window.lock().unwrap().clear();
-            tracing::info!("probe succeeded: circuit breaker closed for every replica");
-            self.refresh().await;
+            match close(&self.pool, scope, replica).await {
+                Ok(true) => {
+                    let mut w = self.windows.lock().unwrap();
+                    if scope == ALL {
+                        *w = Windows::default();
+                    } else {
+                        w.models.remove(scope);
+                    }
+                    tracing::info!(scope, "probe succeeded: circuit breaker closed for every replica");
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(scope, error = %e, "could not close the breaker"),
+            }
         } else {
-            self.trip(&format!("probe failed: {what}")).await;
+            self.trip(scope, &format!("probe failed: {what}")).await;
         }
     }
 
-    /// The prober found nothing to probe with.
-    pub async fn release_probe(&self) {
-        let _ = sqlx::query("SELECT sheepdog.breaker_release_probe($1)")
-            .bind(&self.owner)
-            .execute(&self.pool)
-            .await;
-        self.refresh().await;
+    /// A probe that reached no verdict (its replica stopped): another may be sent soon.
+    pub async fn probe_abandoned(&self, scope: &str, replica: i64) {
+        let _ = sqlx::query(
+            "UPDATE sheepdog.breakers SET state = 'open', open_until = now() + interval '1 second',
+                    probe_owner = NULL, probe_until = NULL
+              WHERE scope = $1 AND state = 'half_open' AND probe_owner = $2",
+        )
+        .bind(scope)
+        .bind(replica)
+        .execute(&self.pool)
+        .await;
     }
+}
+
+/// Opens `scope`'s breaker with a cooldown that doubles with each trip since it last closed.
+/// Returns whether this call opened it (false: it was open already).
+pub async fn trip(pool: &PgPool, scope: &str, reason: &str, cfg: &BreakerSettings) -> Result<bool, StoreError> {
+    let opened: Option<bool> = sqlx::query_scalar(
+        r#"
+        INSERT INTO sheepdog.breakers AS b (scope, state, since, reason, trips, open_until)
+        VALUES ($1, 'open', now(), $2, 1, now() + make_interval(secs => least($4, $3)))
+        ON CONFLICT (scope) DO UPDATE SET
+            state = 'open', since = now(), reason = EXCLUDED.reason, trips = b.trips + 1,
+            open_until = now() + make_interval(secs => least($4, $3 * power(2, least(b.trips, 20)))),
+            probe_owner = NULL, probe_until = NULL
+         WHERE b.state <> 'open'
+        RETURNING true
+        "#,
+    )
+    .bind(scope)
+    .bind(reason)
+    .bind(cfg.cooldown_seconds)
+    .bind(cfg.max_cooldown_seconds)
+    .fetch_optional(pool)
+    .await?;
+    Ok(opened.unwrap_or(false))
+}
+
+/// Closes `scope`'s breaker if `replica` holds its probe.
+pub async fn close(pool: &PgPool, scope: &str, replica: i64) -> Result<bool, StoreError> {
+    let r = sqlx::query(
+        "UPDATE sheepdog.breakers SET state = 'closed', since = now(), reason = NULL, trips = 0,
+                open_until = NULL, probe_owner = NULL, probe_until = NULL
+          WHERE scope = $1 AND state = 'half_open' AND probe_owner = $2",
+    )
+    .bind(scope)
+    .bind(replica)
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected() > 0)
 }

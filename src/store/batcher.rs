@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use super::StoreError;
 use crate::job::JobId;
 
 /// A request that belongs to one job.
@@ -20,7 +21,7 @@ pub trait Keyed {
     fn key(&self) -> &JobId;
 }
 
-type Reply<Resp> = oneshot::Sender<Result<Resp, String>>;
+type Reply<Resp> = oneshot::Sender<Result<Resp, StoreError>>;
 
 pub struct Batcher<Req, Resp> {
     tx: mpsc::UnboundedSender<(Req, Reply<Resp>)>,
@@ -37,21 +38,20 @@ where
     pub fn new<F, Fut>(max_batch: usize, parallel: usize, exec: F) -> Self
     where
         F: Fn(Vec<Req>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = sqlx::Result<Vec<Resp>>> + Send + 'static,
+        Fut: Future<Output = Result<Vec<Resp>, StoreError>> + Send + 'static,
     {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(run(rx, max_batch.max(1), parallel.max(1), Arc::new(exec)));
         Batcher { tx }
     }
 
-    pub async fn call(&self, req: Req) -> anyhow::Result<Resp> {
+    pub async fn call(&self, req: Req) -> Result<Resp, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send((req, reply))
-            .map_err(|_| anyhow::anyhow!("the database writer has stopped"))?;
+            .map_err(|_| StoreError::Unavailable("the database writer has stopped".into()))?;
         rx.await
-            .map_err(|_| anyhow::anyhow!("the database writer dropped a request"))?
-            .map_err(|e| anyhow::anyhow!("database: {e}"))
+            .map_err(|_| StoreError::Unavailable("the database writer dropped a request".into()))?
     }
 }
 
@@ -64,7 +64,7 @@ async fn run<Req, Resp, F, Fut>(
     Req: Keyed + Clone + Send + Sync + 'static,
     Resp: Send + 'static,
     F: Fn(Vec<Req>) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = sqlx::Result<Vec<Resp>>> + Send + 'static,
+    Fut: Future<Output = Result<Vec<Resp>, StoreError>> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(parallel));
     let mut carry: VecDeque<(Req, Reply<Resp>)> = VecDeque::new();
@@ -111,19 +111,23 @@ async fn run<Req, Resp, F, Fut>(
                         reqs.len()
                     );
                     for reply in replies {
-                        let _ = reply.send(Err(msg.clone()));
+                        let _ = reply.send(Err(StoreError::Rejected(msg.clone())));
                     }
                 }
-                Err(e) if reqs.len() == 1 => {
-                    let _ = replies.into_iter().next().unwrap().send(Err(e.to_string()));
+                Err(e) if reqs.len() == 1 || e.is_unavailable() => {
+                    // An outage fails the whole batch alike; only a refused batch is worth
+                    // splitting to find the row it refused.
+                    for reply in replies {
+                        let _ = reply.send(Err(e.clone()));
+                    }
                 }
                 Err(_) => {
                     // Isolate the failure: each request on its own.
                     for (req, reply) in reqs.into_iter().zip(replies) {
-                        let r = exec(vec![req])
-                            .await
-                            .map_err(|e| e.to_string())
-                            .and_then(|mut v| v.pop().ok_or_else(|| "batch statement returned no row".to_string()));
+                        let r = exec(vec![req]).await.and_then(|mut v| {
+                            v.pop()
+                                .ok_or_else(|| StoreError::Rejected("batch statement returned no row".into()))
+                        });
                         let _ = reply.send(r);
                     }
                 }

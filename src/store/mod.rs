@@ -1,10 +1,14 @@
-//! Postgres: connecting, migrations, and every SQL statement of the job path.
-//! Each statement is whole, binds every value, and lets a constraint or a
-//! conditional `UPDATE … WHERE` decide races.
+//! Postgres: connecting, migrations, and every SQL statement of sheepdog outside `limits/`.
+//! Each statement is whole, binds every value, and lets a constraint or a conditional
+//! `UPDATE … WHERE` decide races.
 
 pub mod batcher;
-pub mod jobs;
+pub mod dispatch;
+pub mod intake;
+pub mod liveness;
+pub mod outbox;
 pub mod report;
+pub mod settle;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -14,31 +18,53 @@ use secrecy::{ExposeSecret, SecretString};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
 
-/// The URL with any password replaced by `***`, for messages.
-pub fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) => {
-            if u.password().is_some() {
-                let _ = u.set_password(Some("***"));
-            }
-            u.to_string()
+use crate::redact::{redact_url, scrub};
+
+/// A failed statement, told apart by what the caller can do about it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or is restarting: wait and try again.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// The database refused this statement (a bad row, a constraint): retrying will not help.
+    #[error("database refused the statement: {0}")]
+    Rejected(String),
+}
+
+impl StoreError {
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        let unavailable = match &e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Protocol(_) => true,
+            // Class 08: connection exceptions; 57P0x: shutting down or starting up;
+            // 53300: too many connections; 40001/40P01: serialization failure, deadlock.
+            sqlx::Error::Database(d) => d.code().is_some_and(|c| {
+                c.starts_with("08") || c.starts_with("57P") || c == "53300" || c == "40001" || c == "40P01"
+            }),
+            _ => false,
+        };
+        if unavailable {
+            StoreError::Unavailable(e.to_string())
+        } else {
+            StoreError::Rejected(e.to_string())
         }
-        Err(_) => "<unparsable URL>".to_string(),
     }
 }
 
 /// Opens a pool to the sheepdog database, creating the database if it is missing.
 pub async fn connect(url: &SecretString, max_connections: u32) -> anyhow::Result<PgPool> {
     let shown = redact_url(url.expose_secret());
-    let opts = PgConnectOptions::from_str(url.expose_secret())
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "DATABASE_URL {shown} is not a valid Postgres URL: {}",
-                scrub(&e.to_string(), url)
-            )
-        })?
-        .log_statements(tracing::log::LevelFilter::Trace)
-        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(5));
+    let opts = connect_options(url)?;
     let pool_opts = || {
         PgPoolOptions::new()
             .max_connections(max_connections.max(1))
@@ -55,6 +81,20 @@ pub async fn connect(url: &SecretString, max_connections: u32) -> anyhow::Result
         }
         Err(e) => Err(unreachable_db(&shown, &e, url)),
     }
+}
+
+/// The options a `DATABASE_URL` stands for, with statement logging kept at trace.
+pub fn connect_options(url: &SecretString) -> anyhow::Result<PgConnectOptions> {
+    let shown = redact_url(url.expose_secret());
+    Ok(PgConnectOptions::from_str(url.expose_secret())
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "DATABASE_URL {shown} is not a valid Postgres URL: {}",
+                scrub(&e.to_string(), url)
+            )
+        })?
+        .log_statements(tracing::log::LevelFilter::Trace)
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(5)))
 }
 
 async fn create_database(opts: &PgConnectOptions, shown: &str) -> anyhow::Result<()> {
@@ -83,17 +123,6 @@ fn unreachable_db(shown: &str, e: &sqlx::Error, url: &SecretString) -> anyhow::E
     )
 }
 
-/// Removes a secret's password from a message, in case a library echoed it.
-pub fn scrub(message: &str, url: &SecretString) -> String {
-    match url::Url::parse(url.expose_secret()) {
-        Ok(u) => match u.password() {
-            Some(p) if !p.is_empty() => message.replace(p, "***"),
-            _ => message.to_string(),
-        },
-        Err(_) => message.to_string(),
-    }
-}
-
 /// Applies the embedded migrations. sqlx holds an advisory lock meanwhile, so
 /// several replicas may run this at once.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
@@ -101,5 +130,23 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
         .run(pool)
         .await
         .context("applying migrations")?;
+    Ok(())
+}
+
+/// Checks that `migrate` has run against this database.
+pub async fn require_schema(pool: &PgPool) -> anyhow::Result<()> {
+    let ok: bool = sqlx::query_scalar("SELECT to_regclass('sheepdog.backlog') IS NOT NULL")
+        .fetch_one(pool)
+        .await?;
+    anyhow::ensure!(
+        ok,
+        "the database has no sheepdog schema, or an old one: run `sheepdog migrate` first"
+    );
+    Ok(())
+}
+
+/// Answers when the database does.
+pub async fn ping(pool: &PgPool) -> Result<(), StoreError> {
+    sqlx::query("SELECT 1").execute(pool).await?;
     Ok(())
 }

@@ -170,3 +170,43 @@ pub async fn cost_report(
     .fetch_all(pool)
     .await
 }
+
+/// Jobs waiting in Postgres for a call.
+pub async fn backlog_depth(pool: &PgPool) -> Result<i64, super::StoreError> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM sheepdog.backlog")
+        .fetch_one(pool)
+        .await?)
+}
+
+/// End-to-end and worker latency percentiles of a batch, in milliseconds: (e2e p50, e2e p99,
+/// worker p50, worker p99, upstream p50, upstream p99).
+pub async fn latency_percentiles(
+    pool: &PgPool,
+    batch_id: &str,
+) -> Result<(f64, f64, f64, f64, f64, f64), super::StoreError> {
+    Ok(sqlx::query_as(
+        r#"SELECT
+             coalesce(percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at) * 1000), 0),
+             coalesce(percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at) * 1000), 0),
+             coalesce(percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at) * 1000), 0),
+             coalesce(percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at) * 1000), 0),
+             coalesce(percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms), 0),
+             coalesce(percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms), 0)
+           FROM sheepdog.jobs WHERE batch_id = $1"#,
+    )
+    .bind(batch_id)
+    .fetch_one(pool)
+    .await?)
+}
+
+/// A batch's spend by the ledger, and its succeeded and failed job counts.
+pub async fn spend_and_counts(pool: &PgPool, batch_id: &str) -> Result<(Decimal, i64, i64), super::StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT (SELECT coalesce(sum(cost_usd), 0) FROM sheepdog.llm_calls WHERE batch_id = $1),
+                count(*) FILTER (WHERE status = 'succeeded'), count(*) FILTER (WHERE status = 'failed')
+           FROM sheepdog.jobs WHERE batch_id = $1",
+    )
+    .bind(batch_id)
+    .fetch_one(pool)
+    .await?)
+}

@@ -6,6 +6,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value};
 
 use super::error::{classify, truncate, Verdict};
+use super::ratelimit::RateLimitInfo;
 use crate::config::UpstreamArgs;
 use crate::prices::Usage;
 
@@ -17,6 +18,8 @@ pub struct Response {
     /// The `x-request-id` header, else the body's `id`.
     pub request_id: Option<String>,
     pub usage: Option<Usage>,
+    /// The upstream's own rate-limit headers.
+    pub limits: RateLimitInfo,
 }
 
 /// One call attempt: what came back (if anything) and what it means.
@@ -29,6 +32,9 @@ pub struct Attempt {
     /// answer was read (a timeout, a connection cut mid-call): the ledger then
     /// charges the call at its reservation.
     pub maybe_billed: bool,
+    /// The request never reached the upstream (connection refused, DNS): the upstream as a
+    /// whole is unreachable, not one model failing.
+    pub unreachable: bool,
 }
 
 #[derive(Clone)]
@@ -95,6 +101,7 @@ impl Client {
                     },
                     latency: started.elapsed(),
                     maybe_billed: true,
+                    unreachable: false,
                 }
             }
             Err(ReadError::Http(e)) => return network_failure(e, started),
@@ -111,6 +118,7 @@ impl Client {
             .map(str::to_string)
             .or_else(|| body.get("id").and_then(Value::as_str).map(str::to_string));
         let usage = Usage::from_response(&body);
+        let limits = RateLimitInfo::from_headers(&headers);
         // A 2xx without usage was probably billed; we cannot tell what it cost.
         let maybe_billed = (200..300).contains(&status) && usage.is_none();
         Attempt {
@@ -119,10 +127,12 @@ impl Client {
                 body,
                 request_id,
                 usage,
+                limits,
             }),
             verdict,
             latency,
             maybe_billed,
+            unreachable: false,
         }
     }
 }
@@ -148,12 +158,16 @@ async fn read_limited(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>
 
 fn network_failure(e: reqwest::Error, started: Instant) -> Attempt {
     // reqwest's messages carry the URL, never the Authorization header.
-    let (reason, maybe_billed) = if e.is_timeout() {
-        ("upstream call timed out".to_string(), true)
+    let (reason, maybe_billed, unreachable) = if e.is_timeout() {
+        ("upstream call timed out".to_string(), true, false)
     } else if e.is_connect() {
-        (format!("cannot connect to the upstream: {}", error_chain(&e)), false)
+        (
+            format!("cannot connect to the upstream: {}", error_chain(&e)),
+            false,
+            true,
+        )
     } else {
-        (format!("upstream call failed: {}", error_chain(&e)), true)
+        (format!("upstream call failed: {}", error_chain(&e)), true, false)
     };
     Attempt {
         response: None,
@@ -163,6 +177,7 @@ fn network_failure(e: reqwest::Error, started: Instant) -> Attempt {
         },
         latency: started.elapsed(),
         maybe_billed,
+        unreachable,
     }
 }
 

@@ -8,10 +8,16 @@
 //! Every call it answers is recorded (`GET /_mock/calls`) so tests can check the
 //! ledger against what the upstream really saw.
 //!
+//! `rpm_limit` makes it behave like a real account limit: at most that many requests are
+//! answered in any sliding minute, the rest get 429 with `Retry-After`, and every answer carries
+//! `x-ratelimit-{limit,remaining,reset}-requests` as OpenAI sends them. `models` overrides any of
+//! this per model, so a test can break one model and not another.
+//!
 //! A user message containing `[mock:400]`, `[mock:401]`, `[mock:404]`,
 //! `[mock:422]`, `[mock:429]`, `[mock:500]` or `[mock:hang]` gets that answer,
 //! whatever the mode, so one job of a batch can be made to fail.
 
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -25,6 +31,38 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+/// How the mock answers every call (triggers aside).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum MockMode {
+    /// Answer normally.
+    #[default]
+    Ok,
+    /// Every call 500.
+    Fail,
+    /// Never answer.
+    Hang,
+    /// Every call 401.
+    Unauthorized,
+    /// Every call 402.
+    NoBalance,
+    /// Every call 429.
+    Overloaded,
+}
+
+/// What one model does differently from the rest; unset fields follow the main settings.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MockModel {
+    pub mode: Option<MockMode>,
+    pub latency_ms_min: Option<u64>,
+    pub latency_ms_max: Option<u64>,
+    pub error_rate: Option<f64>,
+    pub rate_429: Option<f64>,
+    /// This model's own sliding-minute limit.
+    pub rpm_limit: Option<u64>,
+}
+
 /// What the mock does with each request. Every field can be changed while it runs.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default)]
@@ -32,9 +70,7 @@ pub struct MockConfig {
     /// Added latency, drawn uniformly from `latency_ms_min..=latency_ms_max`.
     pub latency_ms_min: u64,
     pub latency_ms_max: u64,
-    /// `ok`, `fail` (every call 500), `hang` (never answer), `unauthorized`
-    /// (401), `no_balance` (402), `overloaded` (every call 429).
-    pub mode: String,
+    pub mode: MockMode,
     /// Share of calls answered 500, at random.
     pub error_rate: f64,
     /// Share of calls answered 429 with `Retry-After`, at random.
@@ -45,6 +81,44 @@ pub struct MockConfig {
     pub cached_percent: u64,
     /// When set, requests must carry `Authorization: Bearer <this>`.
     pub api_key: Option<String>,
+    /// Requests answered per sliding minute (the account's limit); the rest get 429.
+    pub rpm_limit: Option<u64>,
+    /// Whether answers carry `x-ratelimit-*` headers when a limit is set.
+    pub ratelimit_headers: bool,
+    /// Per-model overrides, by model name.
+    pub models: BTreeMap<String, MockModel>,
+}
+
+impl MockConfig {
+    /// The settings that apply to `model`: the main ones, with its overrides.
+    fn for_model(&self, model: &str) -> (MockConfig, Option<String>) {
+        let mut c = self.clone();
+        let Some(m) = self.models.get(model) else {
+            return (c, None);
+        };
+        if let Some(v) = m.mode {
+            c.mode = v;
+        }
+        if let Some(v) = m.latency_ms_min {
+            c.latency_ms_min = v;
+            c.latency_ms_max = c.latency_ms_max.max(v);
+        }
+        if let Some(v) = m.latency_ms_max {
+            c.latency_ms_max = v;
+        }
+        if let Some(v) = m.error_rate {
+            c.error_rate = v;
+        }
+        if let Some(v) = m.rate_429 {
+            c.rate_429 = v;
+        }
+        // A model's own limit keeps its own window.
+        let window = m.rpm_limit.map(|l| {
+            c.rpm_limit = Some(l);
+            model.to_string()
+        });
+        (c, window)
+    }
 }
 
 impl Default for MockConfig {
@@ -52,12 +126,15 @@ impl Default for MockConfig {
         MockConfig {
             latency_ms_min: 0,
             latency_ms_max: 0,
-            mode: "ok".into(),
+            mode: MockMode::Ok,
             error_rate: 0.0,
             rate_429: 0.0,
             retry_after_seconds: 1.0,
             cached_percent: 0,
             api_key: None,
+            rpm_limit: None,
+            ratelimit_headers: true,
+            models: BTreeMap::new(),
         }
     }
 }
@@ -79,6 +156,8 @@ pub struct CallRecord {
     pub authorized: bool,
     /// Requests being answered when this one arrived, itself included.
     pub concurrent: u64,
+    /// The text of the request's last message (its first 200 bytes), to tell jobs apart.
+    pub content: String,
 }
 
 #[derive(Default)]
@@ -87,6 +166,43 @@ struct Inner {
     calls: Vec<CallRecord>,
     in_flight: u64,
     max_in_flight: u64,
+    /// When answered requests arrived, per limit window (`""` for the account's).
+    windows: HashMap<String, VecDeque<Instant>>,
+}
+
+/// The account's (or a model's) sliding-minute limit as one request sees it.
+struct Window {
+    limit: u64,
+    /// Admitted: under the limit (and now counted in it).
+    admitted: bool,
+    remaining: u64,
+    /// Until the oldest request in the window leaves it.
+    reset: Duration,
+}
+
+impl Inner {
+    fn take_from_window(&mut self, key: &str, limit: u64) -> Window {
+        let now = Instant::now();
+        let minute = Duration::from_secs(60);
+        let w = self.windows.entry(key.to_string()).or_default();
+        while w.front().is_some_and(|t| now.duration_since(*t) >= minute) {
+            w.pop_front();
+        }
+        let admitted = (w.len() as u64) < limit;
+        if admitted {
+            w.push_back(now);
+        }
+        let reset = w
+            .front()
+            .map(|t| minute.saturating_sub(now.duration_since(*t)))
+            .unwrap_or_default();
+        Window {
+            limit,
+            admitted,
+            remaining: limit.saturating_sub(w.len() as u64),
+            reset,
+        }
+    }
 }
 
 /// Shared state of a running mock.
@@ -222,12 +338,6 @@ async fn chat(State(state): State<MockState>, headers: HeaderMap, body: axum::bo
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("Bearer "));
 
-    let latency_ms = if config.latency_ms_max > config.latency_ms_min {
-        rand::rng().random_range(config.latency_ms_min..=config.latency_ms_max)
-    } else {
-        config.latency_ms_min
-    };
-
     let parsed: Result<Map<String, Value>, String> = serde_json::from_slice::<Value>(&body)
         .map_err(|e| format!("We could not parse the JSON body of your request: {e}"))
         .and_then(|v| match v {
@@ -242,6 +352,13 @@ async fn chat(State(state): State<MockState>, headers: HeaderMap, body: axum::bo
         .unwrap_or("")
         .to_string();
     let trigger = parsed.as_ref().ok().and_then(trigger_of).unwrap_or_default();
+    let content = parsed.as_ref().ok().map(last_content).unwrap_or_default();
+    let (config, window_key) = config.for_model(&model);
+    let latency_ms = if config.latency_ms_max > config.latency_ms_min {
+        rand::rng().random_range(config.latency_ms_min..=config.latency_ms_max)
+    } else {
+        config.latency_ms_min
+    };
 
     let rng_roll = || rand::rng().random::<f64>();
     let forced: Option<(StatusCode, &str)> = match trigger.as_str() {
@@ -260,7 +377,7 @@ async fn chat(State(state): State<MockState>, headers: HeaderMap, body: axum::bo
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v == format!("Bearer {k}")),
     };
-    let outcome: Option<StatusCode> = if let Some((s, why)) = forced {
+    let mut outcome: Option<StatusCode> = if let Some((s, why)) = forced {
         if why == "hang" {
             None
         } else {
@@ -269,16 +386,31 @@ async fn chat(State(state): State<MockState>, headers: HeaderMap, body: axum::bo
     } else if !key_ok {
         Some(StatusCode::UNAUTHORIZED)
     } else {
-        match config.mode.as_str() {
-            "fail" => Some(StatusCode::INTERNAL_SERVER_ERROR),
-            "hang" => None,
-            "unauthorized" => Some(StatusCode::UNAUTHORIZED),
-            "no_balance" => Some(StatusCode::PAYMENT_REQUIRED),
-            "overloaded" => Some(StatusCode::TOO_MANY_REQUESTS),
+        match config.mode {
+            MockMode::Fail => Some(StatusCode::INTERNAL_SERVER_ERROR),
+            MockMode::Hang => None,
+            MockMode::Unauthorized => Some(StatusCode::UNAUTHORIZED),
+            MockMode::NoBalance => Some(StatusCode::PAYMENT_REQUIRED),
+            MockMode::Overloaded => Some(StatusCode::TOO_MANY_REQUESTS),
             _ if config.rate_429 > 0.0 && rng_roll() < config.rate_429 => Some(StatusCode::TOO_MANY_REQUESTS),
             _ if config.error_rate > 0.0 && rng_roll() < config.error_rate => Some(StatusCode::INTERNAL_SERVER_ERROR),
             _ => Some(StatusCode::OK),
         }
+    };
+    // The account's limit: a request over it is answered 429 at once.
+    let window = match (config.rpm_limit, outcome) {
+        (Some(limit), Some(StatusCode::OK)) => {
+            let w = state
+                .inner
+                .lock()
+                .unwrap()
+                .take_from_window(window_key.as_deref().unwrap_or(""), limit);
+            if !w.admitted {
+                outcome = Some(StatusCode::TOO_MANY_REQUESTS);
+            }
+            Some(w)
+        }
+        _ => None,
     };
     let Some(status) = outcome else {
         // Hang: answer nothing until the client gives up (or a long hour passes).
@@ -294,11 +426,13 @@ async fn chat(State(state): State<MockState>, headers: HeaderMap, body: axum::bo
             latency_ms: 0,
             authorized,
             concurrent,
+            content,
         });
         tokio::time::sleep(Duration::from_secs(3600)).await;
         return StatusCode::GATEWAY_TIMEOUT.into_response();
     };
-    if latency_ms > 0 {
+    let rejected_at_once = window.as_ref().is_some_and(|w| !w.admitted);
+    if latency_ms > 0 && !rejected_at_once {
         tokio::time::sleep(Duration::from_millis(latency_ms)).await;
     }
 
@@ -313,6 +447,7 @@ async fn chat(State(state): State<MockState>, headers: HeaderMap, body: axum::bo
         latency_ms,
         authorized,
         concurrent,
+        content,
     };
     let mut resp_headers = HeaderMap::new();
     resp_headers.insert("x-request-id", HeaderValue::from_str(&request_id).unwrap());
@@ -320,6 +455,13 @@ async fn chat(State(state): State<MockState>, headers: HeaderMap, body: axum::bo
         "openai-processing-ms",
         HeaderValue::from(started.elapsed().as_millis() as u64),
     );
+    if let (Some(w), true) = (&window, config.ratelimit_headers) {
+        resp_headers.insert("x-ratelimit-limit-requests", HeaderValue::from(w.limit));
+        resp_headers.insert("x-ratelimit-remaining-requests", HeaderValue::from(w.remaining));
+        if let Ok(v) = HeaderValue::from_str(&format!("{:.3}s", w.reset.as_secs_f64())) {
+            resp_headers.insert("x-ratelimit-reset-requests", v);
+        }
+    }
 
     let (status, body) = match (status, &parsed) {
         (StatusCode::OK, Err(msg)) => {
@@ -414,6 +556,18 @@ async fn chat(State(state): State<MockState>, headers: HeaderMap, body: axum::bo
     };
     state.inner.lock().unwrap().calls.push(record);
     (status, resp_headers, Json(body)).into_response()
+}
+
+/// The last message's text, its first 200 bytes.
+fn last_content(req: &Map<String, Value>) -> String {
+    let text = req
+        .get("messages")
+        .and_then(Value::as_array)
+        .and_then(|m| m.last())
+        .and_then(|m| m.get("content"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    crate::upstream::error::truncate(text, 200)
 }
 
 /// The `[mock:...]` trigger in the request's messages, if any.

@@ -4,6 +4,7 @@
 pub mod client;
 pub mod error;
 pub mod mock;
+pub mod ratelimit;
 
 pub use client::{Attempt, Client, Response};
 pub use error::Verdict;

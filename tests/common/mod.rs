@@ -1,10 +1,12 @@
-//! Test helpers: every test gets its own Postgres database, its own RabbitMQ
-//! vhost and its own mock upstream on a real socket, and tears them down when
-//! its `TestEnv` drops.
+//! Test helpers: every test gets its own Postgres database, its own RabbitMQ vhost and its own
+//! mock upstream on a real socket, and tears them down when its `TestEnv` drops. Workers run
+//! either in this process (`spawn_worker`) or as the real binary (`WorkerProcess`), started as
+//! users start them: settings from the environment, every other setting at its default.
 
 #![allow(dead_code)]
 
 pub mod proxy;
+pub mod scenario;
 
 use std::future::Future;
 use std::process::Command;
@@ -13,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use secrecy::SecretString;
-use sheepdog::config::{UpstreamArgs, WorkerArgs};
+use secrecy::{ExposeSecret, SecretString};
+use sheepdog::config::{LimitArgs, UpstreamArgs, WorkerArgs};
 use sheepdog::metrics::Metrics;
 use sheepdog::upstream::mock::{MockConfig, MockServer};
 use sheepdog::worker::Worker;
@@ -86,27 +88,18 @@ impl TestEnv {
     }
 
     pub fn upstream_args(&self) -> UpstreamArgs {
-        UpstreamArgs {
-            base_url: self.mock.base_url(),
-            api_key: Some(SecretString::from("sk-test-never-logged")),
-            http_timeout_seconds: 5.0,
-            max_response_bytes: 1 << 20,
-        }
+        let mut u: UpstreamArgs = sheepdog::config::defaults();
+        u.base_url = self.mock.base_url();
+        u.api_key = Some(SecretString::from("sk-test-never-logged"));
+        u
     }
 
+    /// The defaults, with 16 calls in flight and no metrics listener.
     pub fn worker_args(&self) -> WorkerArgs {
-        WorkerArgs {
-            concurrency: 16,
-            default_max_tokens: 256,
-            prices: None,
-            max_message_bytes: 64 * 1024,
-            max_attempts: 8,
-            lease_seconds: 30.0,
-            max_wait_seconds: 300.0,
-            grace_seconds: 10.0,
-            metrics_addr: "off".into(),
-            breaker: Default::default(),
-        }
+        let mut w: WorkerArgs = sheepdog::config::defaults();
+        w.concurrency = 16;
+        w.metrics_addr = "off".into();
+        w
     }
 
     pub async fn spawn_worker(&self, name: &str) -> WorkerHandle {
@@ -114,10 +107,21 @@ impl TestEnv {
     }
 
     pub async fn spawn_worker_with(&self, name: &str, args: WorkerArgs) -> WorkerHandle {
-        let w: Arc<Worker> =
-            sheepdog::commands::build_worker(&self.db_url, &self.amqp_url, &self.upstream_args(), &args, name.into())
-                .await
-                .expect("worker");
+        self.spawn_worker_limited(name, args, &LimitArgs::default()).await
+    }
+
+    /// An in-process replica given these limits, as `sheepdog worker --rpm …` would be.
+    pub async fn spawn_worker_limited(&self, name: &str, args: WorkerArgs, limits: &LimitArgs) -> WorkerHandle {
+        let w: Arc<Worker> = sheepdog::commands::build_worker(
+            &self.db_url,
+            &self.amqp_url,
+            &self.upstream_args(),
+            &args,
+            limits,
+            name.into(),
+        )
+        .await
+        .expect("worker");
         let metrics = w.metrics.clone();
         let shutdown = CancellationToken::new();
         let s = shutdown.clone();
@@ -208,6 +212,18 @@ impl TestEnv {
         })
         .await
     }
+
+    /// Runs the real binary with this environment's URLs (a CLI command, as a user would).
+    pub async fn cli(&self, args: &[&str]) -> std::process::Output {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_sheepdog"))
+            .args(args)
+            .env("DATABASE_URL", self.db_url.expose_secret())
+            .env("AMQP_URL", self.amqp_url.expose_secret())
+            .env("RUST_LOG", "warn")
+            .output()
+            .await
+            .expect("sheepdog runs")
+    }
 }
 
 impl Drop for TestEnv {
@@ -267,33 +283,71 @@ fn tracing_subscriber_init() -> Result<(), ()> {
     Ok(())
 }
 
-/// A worker as a separate process (the real binary), for kill -9.
-pub fn spawn_worker_process(env: &TestEnv, extra: &[(&str, String)]) -> tokio::process::Child {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sheepdog"));
-    cmd.arg("worker")
-        .env("DATABASE_URL", secrecy::ExposeSecret::expose_secret(&env.db_url))
-        .env("AMQP_URL", secrecy::ExposeSecret::expose_secret(&env.amqp_url))
-        .env("HOLYSHEEP_BASE_URL", env.mock.base_url())
-        .env("SHEEPDOG_METRICS_ADDR", "off")
-        .env("SHEEPDOG_CONCURRENCY", "16")
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true);
-    // SHEEPDOG_TEST_LOGS=DIR keeps each worker process's log, for a failing run.
-    match std::env::var("SHEEPDOG_TEST_LOGS") {
-        Ok(dir) => {
-            let path = std::path::Path::new(&dir).join(format!("{}-{}.log", env.name, uuid::Uuid::new_v4().simple()));
-            cmd.stderr(std::fs::File::create(path).expect("log file"))
-                .env("RUST_LOG", "info");
+/// A `sheepdog worker` process, started as a user starts it: the environment's URLs, the
+/// settings given, every other setting at its default. Killed (SIGKILL) when dropped.
+pub struct WorkerProcess {
+    pub child: tokio::process::Child,
+}
+
+impl WorkerProcess {
+    pub fn start(env: &TestEnv, settings: &[(&str, String)]) -> WorkerProcess {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sheepdog"));
+        cmd.arg("worker")
+            .env("DATABASE_URL", env.db_url.expose_secret())
+            .env("AMQP_URL", env.amqp_url.expose_secret())
+            .env("HOLYSHEEP_BASE_URL", env.mock.base_url())
+            // Several replicas share this machine: each serves its metrics on a port of its own.
+            .env("SHEEPDOG_METRICS_ADDR", "127.0.0.1:0")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true);
+        // SHEEPDOG_TEST_LOGS=DIR keeps each worker process's log, for a failing run.
+        match std::env::var("SHEEPDOG_TEST_LOGS") {
+            Ok(dir) => {
+                let path =
+                    std::path::Path::new(&dir).join(format!("{}-{}.log", env.name, uuid::Uuid::new_v4().simple()));
+                cmd.stderr(std::fs::File::create(path).expect("log file"))
+                    .env("RUST_LOG", "info");
+            }
+            Err(_) => {
+                cmd.stderr(std::process::Stdio::null());
+            }
         }
-        Err(_) => {
-            cmd.stderr(std::process::Stdio::null());
+        for (k, v) in settings {
+            cmd.env(k, v);
+        }
+        WorkerProcess {
+            child: cmd.spawn().expect("worker process"),
         }
     }
-    for (k, v) in extra {
-        cmd.env(k, v);
+
+    /// Starts `n` workers at the same moment with the same settings.
+    pub fn start_many(env: &TestEnv, n: usize, settings: &[(&str, String)]) -> Vec<WorkerProcess> {
+        (0..n).map(|_| WorkerProcess::start(env, settings)).collect()
     }
-    cmd.spawn().expect("worker process")
+
+    pub fn pid(&self) -> String {
+        self.child.id().expect("running").to_string()
+    }
+
+    /// kill -9.
+    pub async fn kill9(&mut self) {
+        self.child.start_kill().expect("kill");
+        let _ = self.child.wait().await;
+    }
+
+    /// SIGTERM, then waits for the exit code.
+    pub async fn term(&mut self, within: Duration) -> Option<i32> {
+        Command::new("kill")
+            .args(["-TERM", &self.pid()])
+            .status()
+            .expect("kill -TERM");
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .expect("the worker exits")
+            .expect("wait")
+            .code()
+    }
 }
 
 /// What the fault tests check at the end of every run, from the views and from

@@ -1,0 +1,118 @@
+//! The upstream's own limit, shared by every replica, per model scope.
+//!
+//! A 429 pauses the scope for every replica: for its `Retry-After` the first time, then twice as
+//! long for each 429 round in a row (with jitter, up to a cap), never shorter than the upstream
+//! asked. When a pause ends, dispatch lets one call go first (the scope's "gate") and the rest
+//! follow only once it has come back without a 429. `x-ratelimit-remaining-*` at zero holds the
+//! scope until the matching `x-ratelimit-reset-*`, so replicas stop before the 429s start.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+use crate::store::StoreError;
+
+/// The longest pause a run of 429s grows to (a `Retry-After` or reset hint may be longer).
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// What the upstream said about its limit in one answer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum UpstreamLimit {
+    /// A 429: hold off at least `retry_after` (1 s when it gave none), and at least until
+    /// `reset` when its rate-limit headers said when room comes back.
+    TooMany {
+        retry_after: Option<Duration>,
+        reset: Option<Duration>,
+    },
+    /// Answered, but the limit is used up until `reset`.
+    Exhausted { reset: Duration },
+}
+
+async fn ensure_scope(pool: &PgPool, scope: &str) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO sheepdog.limit_scopes (scope) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind(scope)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Records a 429 for `scope`. Returns how long every replica now holds off.
+pub async fn too_many(
+    pool: &PgPool,
+    scope: &str,
+    retry_after: Option<Duration>,
+    reset: Option<Duration>,
+) -> Result<Duration, StoreError> {
+    ensure_scope(pool, scope).await?;
+    let base = retry_after
+        .unwrap_or(Duration::from_secs(1))
+        .max(Duration::from_millis(50));
+    let secs: f64 = sqlx::query_scalar(
+        r#"
+        UPDATE sheepdog.limit_scopes s SET
+            -- A 429 while already paused came from a call sent before the pause: same round.
+            pause_streak = CASE WHEN s.paused_until > now() THEN s.pause_streak ELSE s.pause_streak + 1 END,
+            paused_until = greatest(
+                CASE WHEN s.paused_until > now() THEN s.paused_until
+                     ELSE now() + make_interval(secs => greatest($2,
+                              least($3, $2 * power(2, least(s.pause_streak, 20))) * (1 + random() / 4)))
+                END,
+                now() + make_interval(secs => coalesce($4, 0))),
+            pause_reason = format('the upstream answered 429 (%s in a row); holding off', 
+                                  CASE WHEN s.paused_until > now() THEN s.pause_streak ELSE s.pause_streak + 1 END),
+            gate_owner = NULL, gate_until = NULL
+         WHERE s.scope = $1
+        RETURNING extract(epoch FROM s.paused_until - now())::float8
+        "#,
+    )
+    .bind(scope)
+    .bind(base.as_secs_f64())
+    .bind(MAX_BACKOFF.as_secs_f64())
+    .bind(reset.map(|r| r.as_secs_f64()))
+    .fetch_one(pool)
+    .await?;
+    Ok(Duration::from_secs_f64(secs.max(0.0)))
+}
+
+/// The upstream's headers say its limit is used up: hold `scope` until `reset`.
+pub async fn exhausted(pool: &PgPool, scope: &str, reset: Duration, what: &str) -> Result<(), StoreError> {
+    ensure_scope(pool, scope).await?;
+    sqlx::query(
+        "UPDATE sheepdog.limit_scopes SET
+            paused_until = greatest(coalesce(paused_until, now()), now() + make_interval(secs => $2)),
+            pause_reason = $3
+          WHERE scope = $1",
+    )
+    .bind(scope)
+    .bind(reset.as_secs_f64())
+    .bind(format!("the upstream's {what} limit is used up until its reset"))
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The first call after a pause came back without a 429: the others may go.
+pub async fn first_passed(pool: &PgPool, scope: &str, replica: i64) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE sheepdog.limit_scopes SET pause_streak = 0, gate_owner = NULL, gate_until = NULL,
+                pause_reason = NULL
+          WHERE scope = $1 AND gate_owner = $2",
+    )
+    .bind(scope)
+    .bind(replica)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The first call after a pause reached no answer (its job went back): let another go first.
+pub async fn first_abandoned(pool: &PgPool, scope: &str, replica: i64) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE sheepdog.limit_scopes SET gate_owner = NULL, gate_until = NULL WHERE scope = $1 AND gate_owner = $2",
+    )
+    .bind(scope)
+    .bind(replica)
+    .execute(pool)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,215 @@
+//! The intake side: jobs arriving from the broker (or registered by `enqueue`) become rows.
+
+use rust_decimal::Decimal;
+use serde_json::Value;
+use sqlx::types::Json;
+use sqlx::PgPool;
+
+use super::batcher::Keyed;
+use super::StoreError;
+use crate::job::JobId;
+
+/// A valid job message to store: once committed, its delivery may be acked.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    pub id: JobId,
+    pub model: String,
+    pub metadata: Option<Value>,
+    /// The message as it arrived.
+    pub message: Vec<u8>,
+    /// The worst case of one call: reserved from the limits before each attempt.
+    pub reserve_tokens: i64,
+    pub reserve_cost_usd: Decimal,
+}
+
+impl Keyed for Admission {
+    fn key(&self) -> &JobId {
+        &self.id
+    }
+}
+
+/// What became of an admission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admitted {
+    /// New: it waits in the backlog for a call.
+    Waiting,
+    /// Seen before (waiting, running or ended): nothing to do.
+    Duplicate,
+}
+
+/// Stores many jobs in one statement: the job row with its message and worst case, and its
+/// backlog row with a virtual time that continues its batch's. A job that already has its
+/// message, or is running or ended, is left alone. Identities must be distinct.
+pub async fn admit(pool: &PgPool, items: Vec<Admission>) -> Result<Vec<Admitted>, StoreError> {
+    let n = items.len();
+    let mut batch_ids = Vec::with_capacity(n);
+    let mut custom_ids = Vec::with_capacity(n);
+    let mut models = Vec::with_capacity(n);
+    let mut metadata = Vec::with_capacity(n);
+    let mut messages = Vec::with_capacity(n);
+    let mut tokens = Vec::with_capacity(n);
+    let mut costs = Vec::with_capacity(n);
+    for a in &items {
+        batch_ids.push(a.id.batch_id.as_str());
+        custom_ids.push(a.id.custom_id.as_str());
+        models.push(a.model.as_str());
+        metadata.push(a.metadata.as_ref().map(Json));
+        messages.push(a.message.as_slice());
+        tokens.push(a.reserve_tokens);
+        costs.push(a.reserve_cost_usd);
+    }
+    let new: Vec<(String, String)> = sqlx::query_as(
+        r#"
+        WITH input AS (
+            SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::bytea[], $6::bigint[],
+                                 $7::numeric[]) WITH ORDINALITY
+                AS t(batch_id, custom_id, model, metadata, message, tokens, cost, ord)
+        ), ins AS (
+            INSERT INTO sheepdog.jobs AS j
+                (batch_id, custom_id, status, model, metadata, message, reserve_tokens, reserve_cost_usd)
+            SELECT batch_id, custom_id, 'queued', model, metadata, message, tokens, cost FROM input
+            ON CONFLICT (batch_id, custom_id) DO UPDATE
+               SET model = EXCLUDED.model,
+                   metadata = coalesce(EXCLUDED.metadata, j.metadata),
+                   message = EXCLUDED.message,
+                   reserve_tokens = EXCLUDED.reserve_tokens,
+                   reserve_cost_usd = EXCLUDED.reserve_cost_usd
+             WHERE j.status = 'queued' AND j.message IS NULL AND j.owner IS NULL
+            RETURNING j.batch_id, j.custom_id, j.model
+        ), fresh AS (
+            SELECT ins.batch_id, ins.custom_id, ins.model,
+                   row_number() OVER (PARTITION BY ins.batch_id ORDER BY i.ord) AS rn,
+                   count(*) OVER (PARTITION BY ins.batch_id) AS n
+              FROM ins JOIN input i ON i.batch_id = ins.batch_id AND i.custom_id = ins.custom_id
+        ), clock AS (
+            SELECT vclock FROM sheepdog.scheduler WHERE id = 1
+        ), bat AS (
+            -- Each batch continues its own virtual time from where it stopped, but never from
+            -- behind the clock: a batch that starts waiting now shares the limit with the others.
+            INSERT INTO sheepdog.batches AS b (batch_id, vnext)
+            SELECT DISTINCT f.batch_id, clock.vclock + f.n FROM fresh f, clock
+            ON CONFLICT (batch_id) DO UPDATE
+               SET vnext = greatest(b.vnext, (SELECT vclock FROM clock)) + (EXCLUDED.vnext - (SELECT vclock FROM clock))
+            RETURNING b.batch_id, b.vnext, b.priority
+        ), back AS (
+            INSERT INTO sheepdog.backlog (batch_id, custom_id, model, priority, vtime)
+            SELECT f.batch_id, f.custom_id, f.model, bat.priority, bat.vnext - f.n + f.rn - 1
+              FROM fresh f JOIN bat ON bat.batch_id = f.batch_id
+        )
+        SELECT batch_id, custom_id FROM fresh
+        "#,
+    )
+    .bind(&batch_ids)
+    .bind(&custom_ids)
+    .bind(&models)
+    .bind(&metadata)
+    .bind(&messages)
+    .bind(&tokens)
+    .bind(&costs)
+    .fetch_all(pool)
+    .await?;
+    let new: std::collections::HashSet<(String, String)> = new.into_iter().collect();
+    Ok(items
+        .iter()
+        .map(|a| {
+            if new.contains(&(a.id.batch_id.clone(), a.id.custom_id.clone())) {
+                Admitted::Waiting
+            } else {
+                Admitted::Duplicate
+            }
+        })
+        .collect())
+}
+
+/// Fails a job that never got to call the upstream (a refused message, a model without a
+/// price). A job that ended, or is running, is left alone. Returns whether it was failed.
+pub async fn fail_without_call(
+    pool: &PgPool,
+    id: &JobId,
+    model: Option<&str>,
+    metadata: Option<&Value>,
+    error: &Value,
+) -> Result<bool, StoreError> {
+    let r = sqlx::query(
+        r#"
+        WITH failed AS (
+            INSERT INTO sheepdog.jobs AS j (batch_id, custom_id, status, model, metadata, error, finished_at)
+            VALUES ($1, $2, 'failed', $3, $4, $5, now())
+            ON CONFLICT (batch_id, custom_id) DO UPDATE
+               SET status = 'failed', error = EXCLUDED.error, finished_at = now(), message = NULL,
+                   model = coalesce(EXCLUDED.model, j.model),
+                   metadata = coalesce(EXCLUDED.metadata, j.metadata)
+             WHERE j.status = 'queued' AND j.owner IS NULL
+            RETURNING j.batch_id, j.custom_id
+        )
+        DELETE FROM sheepdog.backlog b USING failed f
+         WHERE b.batch_id = f.batch_id AND b.custom_id = f.custom_id
+        "#,
+    )
+    .bind(&id.batch_id)
+    .bind(&id.custom_id)
+    .bind(model)
+    .bind(metadata.map(Json))
+    .bind(Json(error))
+    .execute(pool)
+    .await;
+    // The DELETE's count is not the INSERT's; ask again whether the job is now failed.
+    r?;
+    let failed: bool = sqlx::query_scalar(
+        "SELECT coalesce((SELECT status = 'failed' FROM sheepdog.jobs WHERE batch_id = $1 AND custom_id = $2), false)",
+    )
+    .bind(&id.batch_id)
+    .bind(&id.custom_id)
+    .fetch_one(pool)
+    .await?;
+    Ok(failed)
+}
+
+/// Makes a failed job claimable again (`dead replay`): its result and error are cleared; its
+/// attempts and cost so far stay, since those calls happened. Its message is stored again when
+/// the replayed message arrives.
+pub async fn reopen_failed(pool: &PgPool, id: &JobId) -> Result<bool, StoreError> {
+    let r = sqlx::query(
+        "UPDATE sheepdog.jobs SET status = 'queued', error = NULL, response = NULL, finished_at = NULL,
+                status_code = NULL, owner = NULL, message = NULL
+          WHERE batch_id = $1 AND custom_id = $2 AND status = 'failed'",
+    )
+    .bind(&id.batch_id)
+    .bind(&id.custom_id)
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected() > 0)
+}
+
+/// Registers jobs an `enqueue` run is about to publish: rows in `queued` (a job already known
+/// is left as it is) and the batch's size grown by the new ones. Returns how many were new.
+pub async fn register_queued(
+    pool: &PgPool,
+    batch_id: &str,
+    custom_ids: &[String],
+    models: &[String],
+    metadata: &[Option<Value>],
+) -> Result<i64, StoreError> {
+    let metadata: Vec<Option<Json<&Value>>> = metadata.iter().map(|m| m.as_ref().map(Json)).collect();
+    Ok(sqlx::query_scalar(
+        r#"
+        WITH ins AS (
+            INSERT INTO sheepdog.jobs (batch_id, custom_id, status, model, metadata)
+            SELECT $1, u.custom_id, 'queued', u.model, u.metadata
+              FROM unnest($2::text[], $3::text[], $4::jsonb[]) AS u(custom_id, model, metadata)
+            ON CONFLICT (batch_id, custom_id) DO NOTHING
+            RETURNING 1
+        ), n AS (SELECT count(*) AS new FROM ins)
+        INSERT INTO sheepdog.batches AS b (batch_id, size)
+        SELECT $1, n.new FROM n
+        ON CONFLICT (batch_id) DO UPDATE SET size = b.size + EXCLUDED.size, updated_at = now()
+        RETURNING (SELECT new FROM n)
+        "#,
+    )
+    .bind(batch_id)
+    .bind(custom_ids)
+    .bind(models)
+    .bind(metadata)
+    .fetch_one(pool)
+    .await?)
+}

@@ -1,0 +1,229 @@
+//! Settling a call: the ledger row, the money, the tokens, and what becomes of the job, in one
+//! statement (so one transaction) for many calls at once.
+
+use rust_decimal::Decimal;
+use serde_json::Value;
+use sqlx::types::Json;
+use sqlx::PgPool;
+
+use super::batcher::Keyed;
+use super::StoreError;
+use crate::job::JobId;
+
+/// How a call ended in the ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
+pub enum CallOutcome {
+    /// In flight: written before the request is sent.
+    Pending,
+    /// Answered with usage.
+    Ok,
+    /// Answered with an error (charged what its usage says, usually nothing).
+    Error,
+    /// May have been billed but the answer was never read: charged at its reservation.
+    Unknown,
+}
+
+impl CallOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallOutcome::Pending => "pending",
+            CallOutcome::Ok => "ok",
+            CallOutcome::Error => "error",
+            CallOutcome::Unknown => "unknown",
+        }
+    }
+}
+
+/// What becomes of the job after this call.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobFate {
+    /// It ends with the upstream's answer as its result.
+    Succeeded,
+    /// It ends failed with this `{code, message}`; `dead_letter` publishes its message to
+    /// `sheepdog.dead` with that reason.
+    Failed { error: Value, dead_letter: Option<String> },
+    /// It waits in the backlog again, for at least this many milliseconds.
+    Retry { after_ms: i64 },
+}
+
+/// One settled call.
+#[derive(Debug, Clone)]
+pub struct Settlement {
+    pub id: JobId,
+    pub model: String,
+    pub call_id: i64,
+    /// The replica that made the call; the job is only changed while it still owns it.
+    pub replica: i64,
+    pub outcome: CallOutcome,
+    pub status_code: Option<i32>,
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    pub cached_tokens: Option<i64>,
+    pub cost_usd: Decimal,
+    pub error: Option<String>,
+    pub upstream_request_id: Option<String>,
+    pub latency_ms: Option<i32>,
+    /// The upstream body (success) or its error body, stored on the job when it ends.
+    pub response: Option<Value>,
+    pub fate: JobFate,
+}
+
+impl Keyed for Settlement {
+    fn key(&self) -> &JobId {
+        &self.id
+    }
+}
+
+/// Settles calls in one statement. For each: the `calls` row (only while still `pending`); the
+/// budgets it was reserved in (the reservation becomes the real cost); the token buckets it took
+/// from (they get back what it did not use; an `unknown` call keeps its whole reservation); the
+/// job's tokens and cost; and, while this replica still owns the job, its end or its return to
+/// the backlog, and a dead letter in the outbox. Job identities must be distinct.
+pub async fn settle(pool: &PgPool, items: Vec<Settlement>) -> Result<Vec<()>, StoreError> {
+    let n = items.len();
+    let mut call_ids = Vec::with_capacity(n);
+    let mut batch_ids = Vec::with_capacity(n);
+    let mut custom_ids = Vec::with_capacity(n);
+    let mut models = Vec::with_capacity(n);
+    let mut replicas = Vec::with_capacity(n);
+    let mut outcomes = Vec::with_capacity(n);
+    let mut codes = Vec::with_capacity(n);
+    let mut prompts = Vec::with_capacity(n);
+    let mut completions = Vec::with_capacity(n);
+    let mut cached = Vec::with_capacity(n);
+    let mut costs = Vec::with_capacity(n);
+    let mut errors = Vec::with_capacity(n);
+    let mut request_ids = Vec::with_capacity(n);
+    let mut fates = Vec::with_capacity(n);
+    let mut latencies = Vec::with_capacity(n);
+    let mut responses = Vec::with_capacity(n);
+    let mut job_errors = Vec::with_capacity(n);
+    let mut retry_ms = Vec::with_capacity(n);
+    let mut dead = Vec::with_capacity(n);
+    for s in &items {
+        call_ids.push(s.call_id);
+        batch_ids.push(s.id.batch_id.as_str());
+        custom_ids.push(s.id.custom_id.as_str());
+        models.push(s.model.as_str());
+        replicas.push(s.replica);
+        outcomes.push(s.outcome.as_str());
+        codes.push(s.status_code);
+        prompts.push(s.prompt_tokens);
+        completions.push(s.completion_tokens);
+        cached.push(s.cached_tokens);
+        costs.push(s.cost_usd);
+        errors.push(s.error.as_deref());
+        request_ids.push(s.upstream_request_id.as_deref());
+        latencies.push(s.latency_ms);
+        responses.push(s.response.as_ref().map(Json));
+        let (fate, job_error, after, dead_reason) = match &s.fate {
+            JobFate::Succeeded => ("succeeded", None, None, None),
+            JobFate::Failed { error, dead_letter } => ("failed", Some(Json(error)), None, dead_letter.as_deref()),
+            JobFate::Retry { after_ms } => ("queued", None, Some(*after_ms), None),
+        };
+        fates.push(fate);
+        job_errors.push(job_error);
+        retry_ms.push(after);
+        dead.push(dead_reason);
+    }
+    sqlx::query(
+        r#"
+        WITH s AS (
+            SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[],
+                                 $7::int[], $8::bigint[], $9::bigint[], $10::bigint[], $11::numeric[],
+                                 $12::text[], $13::text[], $14::text[], $15::int[], $16::jsonb[], $17::jsonb[],
+                                 $18::bigint[], $19::text[])
+                AS t(call_id, batch_id, custom_id, model, replica, outcome, status_code, prompt_tokens,
+                     completion_tokens, cached_tokens, cost_usd, error, request_id, fate, latency_ms,
+                     response, job_error, retry_ms, dead_reason)
+        ), call AS (
+            UPDATE sheepdog.calls c
+               SET outcome = s.outcome, status_code = s.status_code, prompt_tokens = s.prompt_tokens,
+                   completion_tokens = s.completion_tokens, cached_tokens = s.cached_tokens,
+                   cost_usd = s.cost_usd, error = s.error, upstream_request_id = s.request_id,
+                   finished_at = now()
+              FROM s
+             WHERE c.id = s.call_id AND c.outcome = 'pending'
+            RETURNING c.id, c.budget_keys, c.reserved_cost_usd, c.reserved_tokens, c.token_slot
+        ), u AS (
+            SELECT s.*, call.id IS NOT NULL AS fresh, call.budget_keys, call.reserved_cost_usd,
+                   call.reserved_tokens, call.token_slot
+              FROM s LEFT JOIN call ON call.id = s.call_id
+        ), spend AS (
+            -- Each budget the call was reserved in: the reservation becomes the real cost.
+            UPDATE sheepdog.budget b SET spent = b.spent + x.cost, reserved = b.reserved - x.reserved
+              FROM (SELECT regexp_replace(k, '\|[^|]*$', '') AS scope, regexp_replace(k, '^.*\|', '') AS pk,
+                           sum(u.cost_usd) AS cost, sum(u.reserved_cost_usd) AS reserved
+                      FROM u CROSS JOIN LATERAL unnest(u.budget_keys) AS k
+                     WHERE u.fresh GROUP BY 1, 2) x
+             WHERE b.scope = x.scope AND b.period_key = x.pk
+        ), refund AS (
+            -- Token windows count what the upstream counted instead of the worst case, in the
+            -- tenth of a second the call was granted (an unknown call keeps its worst case).
+            UPDATE sheepdog.token_slots t SET tokens = t.tokens - x.back
+              FROM (SELECT scope, token_slot, sum(back) AS back FROM (
+                        SELECT unnest(ARRAY['*', u.model]) AS scope, u.token_slot,
+                               u.reserved_tokens - coalesce(u.prompt_tokens, 0) - coalesce(u.completion_tokens, 0) AS back
+                          FROM u WHERE u.fresh AND u.outcome <> 'unknown' AND u.token_slot IS NOT NULL) y
+                     GROUP BY scope, token_slot) x
+             WHERE t.scope = x.scope AND t.slot = x.token_slot AND x.back IS NOT NULL AND x.back <> 0
+        ), before AS (
+            SELECT j.batch_id, j.custom_id, j.message
+              FROM sheepdog.jobs j JOIN s ON j.batch_id = s.batch_id AND j.custom_id = s.custom_id
+        ), job AS (
+            UPDATE sheepdog.jobs j SET
+                prompt_tokens = j.prompt_tokens + CASE WHEN u.fresh THEN coalesce(u.prompt_tokens, 0) ELSE 0 END,
+                completion_tokens = j.completion_tokens + CASE WHEN u.fresh THEN coalesce(u.completion_tokens, 0) ELSE 0 END,
+                cost_usd = j.cost_usd + CASE WHEN u.fresh THEN u.cost_usd ELSE 0 END,
+                status = u.fate,
+                owner = NULL,
+                latency_ms = CASE WHEN u.fate = 'queued' THEN j.latency_ms ELSE u.latency_ms END,
+                status_code = CASE WHEN u.fate = 'queued' THEN j.status_code ELSE u.status_code END,
+                upstream_request_id = CASE WHEN u.fate = 'queued' THEN j.upstream_request_id ELSE u.request_id END,
+                response = CASE WHEN u.fate = 'queued' THEN j.response ELSE u.response END,
+                error = CASE WHEN u.fate = 'queued' THEN j.error ELSE u.job_error END,
+                finished_at = CASE WHEN u.fate = 'queued' THEN NULL ELSE now() END,
+                message = CASE WHEN u.fate = 'queued' THEN j.message ELSE NULL END
+              FROM u
+             WHERE j.batch_id = u.batch_id AND j.custom_id = u.custom_id
+               AND j.status = 'running' AND j.owner = u.replica
+            RETURNING j.batch_id, j.custom_id, j.model, j.status, u.retry_ms, u.dead_reason
+        ), back AS (
+            INSERT INTO sheepdog.backlog (batch_id, custom_id, model, priority, vtime, run_at)
+            SELECT job.batch_id, job.custom_id, job.model, coalesce(b.priority, 1),
+                   (SELECT vclock FROM sheepdog.scheduler WHERE id = 1),
+                   now() + make_interval(secs => coalesce(job.retry_ms, 0) / 1000.0)
+              FROM job LEFT JOIN sheepdog.batches b ON b.batch_id = job.batch_id
+             WHERE job.status = 'queued'
+            ON CONFLICT (batch_id, custom_id) DO NOTHING
+        )
+        INSERT INTO sheepdog.outbox (routing_key, headers, body)
+        SELECT 'sheepdog.dead', jsonb_build_object('x-sheepdog-error', job.dead_reason), before.message
+          FROM job JOIN before ON before.batch_id = job.batch_id AND before.custom_id = job.custom_id
+         WHERE job.dead_reason IS NOT NULL AND before.message IS NOT NULL
+        "#,
+    )
+    .bind(&call_ids)
+    .bind(&batch_ids)
+    .bind(&custom_ids)
+    .bind(&models)
+    .bind(&replicas)
+    .bind(&outcomes)
+    .bind(&codes)
+    .bind(&prompts)
+    .bind(&completions)
+    .bind(&cached)
+    .bind(&costs)
+    .bind(&errors)
+    .bind(&request_ids)
+    .bind(&fates)
+    .bind(&latencies)
+    .bind(&responses)
+    .bind(&job_errors)
+    .bind(&retry_ms)
+    .bind(&dead)
+    .execute(pool)
+    .await?;
+    Ok(vec![(); n])
+}

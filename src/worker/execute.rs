@@ -1,0 +1,211 @@
+//! One granted call: send it, decide what the answer means, carry the decision out.
+//!
+//! Carrying out is one fixed order: tell the breakers and the upstream limit what the answer
+//! said (so other replicas stop as soon as possible), then settle the ledger row, the money
+//! and the job in one statement (held through a database outage rather than lost), then count
+//! and log it.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use serde_json::json;
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::decide::{decide, Context, Decision};
+use super::Worker;
+use crate::job::Job;
+use crate::limits::throttle::{self, UpstreamLimit};
+use crate::store::dispatch::Granted;
+use crate::store::settle::{CallOutcome, JobFate, Settlement};
+
+pub async fn run(w: Arc<Worker>, g: Granted, permit: OwnedSemaphorePermit) {
+    w.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
+    let replica = w.replica();
+    let settlement = match call(&w, &g, replica).await {
+        Ok(s) => s,
+        Err(s) => s,
+    };
+    if let Err(e) = settle(&w, settlement).await {
+        tracing::error!(job = %g.id, error = %e, "could not record a call; its replica's takeover will charge it");
+    }
+    w.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+    drop(permit);
+    w.wake_dispatcher();
+}
+
+/// Makes the call and decides. `Err` carries a settlement for a job that could not be called
+/// at all (it cannot happen for a message intake accepted, but is recorded, not panicked on).
+async fn call(w: &Worker, g: &Granted, replica: i64) -> Result<Settlement, Settlement> {
+    let refuse = |why: String| Settlement {
+        id: g.id.clone(),
+        model: g.model.clone(),
+        call_id: g.call_id,
+        replica,
+        outcome: CallOutcome::Error,
+        status_code: None,
+        prompt_tokens: None,
+        completion_tokens: None,
+        cached_tokens: None,
+        cost_usd: rust_decimal::Decimal::ZERO,
+        error: Some(why.clone()),
+        upstream_request_id: None,
+        latency_ms: None,
+        response: None,
+        fate: JobFate::Failed {
+            error: json!({"code": "invalid_message", "message": why}),
+            dead_letter: Some(why),
+        },
+    };
+    let job = Job::parse(&g.message, usize::MAX).map_err(|e| refuse(format!("stored message is invalid: {e}")))?;
+    let price = w.prices.get(&job.model).ok_or_else(|| {
+        refuse(format!(
+            "model {:?} has no price in this replica's price table",
+            job.model
+        ))
+    })?;
+    let body = job.upstream_body(w.args.default_max_tokens);
+    let attempt = w.client.call(&body).await;
+    let ctx = Context {
+        attempt: g.attempt.max(1) as u32,
+        max_attempts: w.args.max_attempts,
+        price,
+        reserve_cost: g.reserve_cost_usd,
+        reserve_tokens: g.reserve_tokens.max(0) as u64,
+        jitter: rand::rng().random::<f64>(),
+    };
+    let d = decide(&attempt, &ctx);
+    tell_the_shared_state(w, g, replica, &d).await;
+    w.metrics.call(
+        d.ledger.outcome.as_str(),
+        &job.model,
+        attempt.latency,
+        d.ledger.usage.map_or(0, |u| u.prompt_tokens),
+        d.ledger.usage.map_or(0, |u| u.completion_tokens),
+        d.ledger.cost_usd,
+    );
+    Ok(settlement(g, replica, d))
+}
+
+/// Breakers, account, the upstream's limit: what this answer tells every replica.
+async fn tell_the_shared_state(w: &Worker, g: &Granted, replica: i64, d: &Decision) {
+    if let Some(reason) = &d.account_refused {
+        tracing::error!(%reason, "the upstream refused the account: pausing every replica");
+        w.breakers.trip(crate::limits::ALL, reason).await;
+    }
+    match (&g.probe, d.health) {
+        (Some(scope), _) if d.account_refused.is_none() => {
+            let what = d.ledger.error.as_deref().unwrap_or("ok");
+            w.breakers
+                .probe_result(
+                    scope,
+                    replica,
+                    d.passed || d.health == Some(crate::limits::breaker::Health::Answered),
+                    what,
+                )
+                .await;
+        }
+        (_, Some(health)) => {
+            let what = d.ledger.error.as_deref().unwrap_or("ok");
+            w.breakers.record(&g.model, health, what).await;
+        }
+        _ => {}
+    }
+    let result = match d.upstream_limit {
+        Some(UpstreamLimit::TooMany { retry_after, reset }) => {
+            match throttle::too_many(&w.pool, &g.model, retry_after, reset).await {
+                Ok(hold) => {
+                    tracing::warn!(model = %g.model, hold_s = hold.as_secs_f64(), "the upstream answered 429: every replica holds off this model");
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Some(UpstreamLimit::Exhausted { reset }) => throttle::exhausted(&w.pool, &g.model, reset, "rate").await,
+        None => Ok(()),
+    };
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "could not record the upstream's limit");
+    }
+    if let Some(scope) = &g.first_after_pause {
+        let r = if matches!(d.upstream_limit, Some(UpstreamLimit::TooMany { .. })) {
+            Ok(()) // the 429 above started the next round
+        } else {
+            throttle::first_passed(&w.pool, scope, replica).await
+        };
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "could not open the gate after the first call");
+        }
+    }
+}
+
+fn settlement(g: &Granted, replica: i64, d: Decision) -> Settlement {
+    Settlement {
+        id: g.id.clone(),
+        model: g.model.clone(),
+        call_id: g.call_id,
+        replica,
+        outcome: d.ledger.outcome,
+        status_code: d.ledger.status_code,
+        prompt_tokens: d.ledger.usage.map(|u| u.prompt_tokens as i64),
+        completion_tokens: d.ledger.usage.map(|u| u.completion_tokens as i64),
+        cached_tokens: d.ledger.usage.map(|u| u.cached_tokens as i64),
+        cost_usd: d.ledger.cost_usd,
+        error: d.ledger.error,
+        upstream_request_id: d.ledger.request_id,
+        latency_ms: Some(d.ledger.latency_ms),
+        response: d.response,
+        fate: d.fate,
+    }
+}
+
+/// Writes a settlement, holding on to it through a database outage rather than losing a call
+/// that was made. Gives up only when the replica has been taken for dead meanwhile (its
+/// takeover has then charged the call at its reservation).
+async fn settle(w: &Worker, s: Settlement) -> Result<(), crate::store::StoreError> {
+    let mut delay = Duration::from_millis(200);
+    let started = std::time::Instant::now();
+    loop {
+        match w.settles.call(s.clone()).await {
+            Ok(()) => {
+                w.database_ok();
+                log_and_count(w, &s);
+                return Ok(());
+            }
+            Err(e) if e.is_unavailable() && started.elapsed() < Duration::from_secs(3600) => {
+                w.database_failed(&e);
+                tracing::warn!(job = %s.id, error = %e, "cannot record a result yet; holding it");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn log_and_count(w: &Worker, s: &Settlement) {
+    let status = match &s.fate {
+        JobFate::Succeeded => {
+            w.metrics.jobs_succeeded.fetch_add(1, Ordering::Relaxed);
+            "succeeded"
+        }
+        JobFate::Failed { dead_letter, .. } => {
+            w.metrics.jobs_failed.fetch_add(1, Ordering::Relaxed);
+            if dead_letter.is_some() {
+                w.metrics.jobs_dead_lettered.fetch_add(1, Ordering::Relaxed);
+            }
+            "failed"
+        }
+        JobFate::Retry { after_ms } => {
+            w.metrics.jobs_retried.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(job = %s.id, error = s.error.as_deref().unwrap_or(""), retry_in_ms = after_ms, "retrying later");
+            return;
+        }
+    };
+    tracing::info!(
+        batch_id = %s.id.batch_id, custom_id = %s.id.custom_id, status,
+        prompt_tokens = s.prompt_tokens.unwrap_or(0), completion_tokens = s.completion_tokens.unwrap_or(0),
+        cost_usd = %s.cost_usd, latency_ms = s.latency_ms.unwrap_or(0), "job finished"
+    );
+}

@@ -1,0 +1,72 @@
+//! Proving this replica alive, and taking over the jobs of replicas that are not
+//! (`store::liveness` has the rule). Every second: touch this replica's row over its life line,
+//! and look for dead replicas to take over.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::Worker;
+use crate::store::liveness::{self, LifeLine};
+
+const BEAT: Duration = Duration::from_secs(1);
+
+pub async fn run(w: Arc<Worker>, stop: CancellationToken) {
+    let mut line: Option<LifeLine> = None;
+    loop {
+        if line.is_none() {
+            match LifeLine::open(&w.db_options, w.replica()).await {
+                Ok(l) => line = Some(l),
+                Err(e) => tracing::warn!(error = %e, "cannot open this replica's life line; retrying"),
+            }
+        }
+        if let Some(l) = line.as_mut() {
+            match l.beat().await {
+                Ok(true) => {}
+                Ok(false) => {
+                    // Taken for dead (cut off from the database for longer than the takeover
+                    // time): its jobs are someone else's now. Start over as a new replica.
+                    tracing::error!(
+                        replica = w.replica(),
+                        "this replica was taken for dead and its jobs taken over; registering again"
+                    );
+                    if let Some(l) = line.take() {
+                        l.close().await;
+                    }
+                    match liveness::register(&w.pool, &w.name).await {
+                        Ok(id) => w.metrics.health.set_replica(id),
+                        Err(e) => tracing::warn!(error = %e, "cannot register again; retrying"),
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "this replica's life line broke; reconnecting");
+                    line = None;
+                }
+            }
+        }
+        match liveness::take_over_dead(&w.pool, w.args.takeover(), w.args.max_attempts).await {
+            Ok(t) if !t.replicas.is_empty() => {
+                w.metrics
+                    .jobs_taken_over
+                    .fetch_add((t.requeued + t.failed) as u64, Ordering::Relaxed);
+                tracing::warn!(
+                    dead = ?t.replicas, requeued = t.requeued, failed = t.failed, unknown_calls = t.unknown_calls,
+                    "took over the jobs of dead replicas"
+                );
+                w.wake_dispatcher();
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "takeover check failed"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(BEAT) => {}
+        }
+    }
+    if let Some(l) = line {
+        l.close().await;
+    }
+}

@@ -1,0 +1,197 @@
+//! One replica: intake → backlog → dispatch → call → settle.
+//!
+//! - **Intake** (`intake`): consumes `sheepdog.jobs`, validates each message, stores it as a
+//!   waiting job (or dead-letters it), then acks. Postgres is the ready set from then on.
+//! - **Dispatch** (`dispatcher`): whenever this replica has a free slot, takes the jobs that
+//!   fit every limit in one locked transaction (`store::dispatch`), claimed for this replica.
+//! - **Execution** (`execute`): calls the upstream, asks `decide` what the answer means and
+//!   carries that out: breakers, the upstream's limit, then one settling statement.
+//! - **Liveness** (`liveness`): proves this replica alive and takes over the jobs of dead ones.
+//! - **Outbox** (`outbox`): publishes what settled statements left to publish.
+
+pub mod decide;
+pub mod dispatcher;
+pub mod execute;
+pub mod intake;
+pub mod liveness;
+pub mod outbox;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::PgPool;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::WorkerArgs;
+use crate::limits::breaker::Breakers;
+use crate::metrics::Metrics;
+use crate::prices::PriceTable;
+use crate::store::batcher::Batcher;
+use crate::store::intake::{Admission, Admitted};
+use crate::store::settle::Settlement;
+use crate::store::StoreError;
+use crate::upstream::Client;
+
+/// Everything a replica's tasks share.
+pub struct Worker {
+    pub pool: PgPool,
+    pub db_options: PgConnectOptions,
+    pub client: Client,
+    pub prices: PriceTable,
+    pub args: WorkerArgs,
+    pub amqp_url: SecretString,
+    pub name: String,
+    pub metrics: Arc<Metrics>,
+    pub breakers: Breakers,
+    /// Calls this replica may have in flight.
+    slots: Arc<Semaphore>,
+    /// Wakes the dispatcher: jobs were admitted, a slot came free, a job was taken over.
+    wake: Notify,
+    admits: Batcher<Admission, Admitted>,
+    settles: Batcher<Settlement, ()>,
+    /// Fault injection for the crash tests (`SHEEPDOG_FAULT=exit-after-admit`: the process
+    /// exits right after its first admission commits, before the ack).
+    fault: Option<String>,
+}
+
+impl Worker {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        pool: PgPool,
+        db_options: PgConnectOptions,
+        client: Client,
+        prices: PriceTable,
+        args: WorkerArgs,
+        amqp_url: SecretString,
+        name: String,
+        replica: i64,
+    ) -> Arc<Worker> {
+        let fault = std::env::var("SHEEPDOG_FAULT").ok().filter(|f| !f.is_empty());
+        let parallel = (pool.options().get_max_connections() as usize / 3).max(2);
+        let p = pool.clone();
+        let admits = Batcher::new(256, parallel, move |items| {
+            let p = p.clone();
+            async move { crate::store::intake::admit(&p, items).await }
+        });
+        let p = pool.clone();
+        let settles = Batcher::new(128, parallel, move |items| {
+            let p = p.clone();
+            async move { crate::store::settle::settle(&p, items).await }
+        });
+        let metrics = Arc::new(Metrics::default());
+        metrics.health.set_replica(replica);
+        metrics.health.set_db(true);
+        let breakers = Breakers::new(pool.clone(), args.breaker.settings());
+        Arc::new(Worker {
+            slots: Arc::new(Semaphore::new(args.concurrency.max(1) as usize)),
+            pool,
+            db_options,
+            client,
+            prices,
+            args,
+            amqp_url,
+            name,
+            metrics,
+            breakers,
+            wake: Notify::new(),
+            admits,
+            settles,
+            fault,
+        })
+    }
+
+    /// This replica's id in `sheepdog.replicas`.
+    pub fn replica(&self) -> i64 {
+        self.metrics.health.replica()
+    }
+
+    /// How long a breaker probe or a first call after a pause may stay out.
+    pub fn probe_lease(&self) -> Duration {
+        self.client.timeout() + Duration::from_secs(10)
+    }
+
+    pub fn wake_dispatcher(&self) {
+        self.wake.notify_one();
+    }
+
+    /// A statement failed: say so once, and let `/readyz` say so until the database answers.
+    pub fn database_failed(&self, e: &StoreError) {
+        if e.is_unavailable() && self.metrics.health.set_db(false) {
+            tracing::error!(error = %e, "database unreachable: holding results and taking no jobs until it answers");
+        }
+    }
+
+    pub fn database_ok(&self) {
+        if !self.metrics.health.set_db(true) {
+            tracing::info!("database reachable again");
+        }
+    }
+
+    /// Runs until `shutdown` fires, then stops taking jobs, gives the calls in flight up to
+    /// the grace period, hands back what is left and returns.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> anyhow::Result<()> {
+        crate::tokens::warm_up();
+        let stop_intake = shutdown.child_token();
+        let stop_dispatch = CancellationToken::new();
+        let stop_background = CancellationToken::new();
+        let calls = TaskTracker::new();
+        let live = tokio::spawn(liveness::run(self.clone(), stop_background.clone()));
+        let gauges = tokio::spawn(self.clone().follow(stop_background.clone()));
+        let intake = tokio::spawn(intake::run(self.clone(), stop_intake.clone()));
+        let dispatch = tokio::spawn(dispatcher::run(self.clone(), stop_dispatch.clone(), calls.clone()));
+
+        shutdown.cancelled().await;
+        tracing::info!(
+            in_flight = self.metrics.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+            "stopping: taking no new jobs; finishing the calls in flight"
+        );
+        stop_dispatch.cancel();
+        let _ = dispatch.await;
+        let _ = intake.await;
+        calls.close();
+        let grace = Duration::from_secs_f64(self.args.grace_seconds.max(0.0));
+        if tokio::time::timeout(grace, calls.wait()).await.is_err() {
+            tracing::warn!("grace period over; handing back the jobs still in flight");
+        }
+        // What is still out: its calls become `unknown` (charged at their reservation) and its
+        // jobs go back to the backlog, for another replica.
+        match crate::store::liveness::release_own(&self.pool, self.replica(), self.args.max_attempts).await {
+            Ok(t) if t.requeued + t.failed > 0 => {
+                tracing::warn!(
+                    requeued = t.requeued,
+                    unknown_calls = t.unknown_calls,
+                    "handed back unfinished jobs"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not hand back jobs; another replica takes them over"),
+        }
+        stop_background.cancel();
+        let _ = live.await;
+        gauges.abort();
+        Ok(())
+    }
+
+    /// Keeps the gauges current: breakers, backlog, budget left.
+    async fn follow(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            if let Ok(b) = crate::limits::breaker::read_all(&self.pool).await {
+                self.metrics.set_breakers(b);
+            }
+            if let Ok(n) = crate::store::report::backlog_depth(&self.pool).await {
+                self.metrics.backlog.store(n, std::sync::atomic::Ordering::Relaxed);
+            }
+            if let Ok(left) = crate::limits::budget_left(&self.pool).await {
+                *self.metrics.budget_left_usd.lock().unwrap() = left;
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            }
+        }
+    }
+}
