@@ -22,11 +22,13 @@ CREATE TABLE sheepdog.replicas (
 );
 
 -- ------------------------------------------------------------------ jobs and calls
+CREATE SEQUENCE sheepdog.backlog_seq;
 ALTER TABLE sheepdog.jobs
     ADD COLUMN message bytea,              -- the job message, kept until the job ends
     ADD COLUMN reserve_tokens bigint,      -- its worst case, reserved before every call
     ADD COLUMN reserve_cost_usd numeric,
     ADD COLUMN owner bigint,               -- the replica running it (status `running`)
+    ADD COLUMN seq bigint,                 -- its place in line: kept when it waits again
     DROP COLUMN claim_token,
     DROP COLUMN lease_until;
 
@@ -42,26 +44,27 @@ CREATE INDEX calls_pending ON sheepdog.calls (replica_id) WHERE outcome = 'pendi
 
 -- ------------------------------------------------------------------ the ready set
 -- One row per job waiting for a call: new, retrying (run_at in the future) or held back by a
--- limit, a breaker, a pause or its turn. Dispatch walks it per model ("lane"), in priority
--- order and, within a priority, by virtual time, which interleaves batches fairly.
+-- limit, a breaker, a pause or its turn. Dispatch takes each model's ("lane's") jobs batch by
+-- batch, in arrival order (seq) within a batch, and orders batches by priority and virtual
+-- time (see `scheduler`), which interleaves batches fairly.
 CREATE TABLE sheepdog.backlog (
     batch_id  text NOT NULL,
     custom_id text NOT NULL,
     model     text NOT NULL,
-    priority  smallint NOT NULL DEFAULT 1,    -- 2 high, 1 normal, 0 low
-    vtime     bigint NOT NULL,
+    seq       bigint NOT NULL DEFAULT nextval('sheepdog.backlog_seq'),
     run_at    timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (batch_id, custom_id)
 );
-CREATE INDEX backlog_lane ON sheepdog.backlog (model, priority DESC, vtime);
+CREATE INDEX backlog_lane ON sheepdog.backlog (model, batch_id, seq);
 
 ALTER TABLE sheepdog.batches
-    ADD COLUMN priority smallint NOT NULL DEFAULT 1,
-    ADD COLUMN vnext bigint NOT NULL DEFAULT 0;
+    ADD COLUMN priority smallint NOT NULL DEFAULT 1,   -- 2 high, 1 normal, 0 low
+    ADD COLUMN vpass bigint NOT NULL DEFAULT 0;         -- the virtual time its next job starts at
 
--- The virtual clock: the vtime of the last job dispatched. A batch that starts waiting now
--- starts at the clock, so it shares the limit with the batches already waiting instead of
--- queueing behind all of them.
+-- The virtual clock: the virtual time of the last job dispatched. A batch's next job starts at
+-- its own pass or the clock, whichever is later, so a batch that starts waiting now shares the
+-- limit with the batches already waiting instead of queueing behind all of them, and a batch
+-- that was idle builds up no credit. Only dispatch (one at a time) moves these.
 CREATE TABLE sheepdog.scheduler (
     id     integer PRIMARY KEY CHECK (id = 1),
     vclock bigint NOT NULL DEFAULT 0

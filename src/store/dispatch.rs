@@ -118,14 +118,17 @@ pub async fn anything_due(pool: &PgPool) -> Result<bool, StoreError> {
 }
 
 /// Takes up to `slots` jobs for `replica`. `probe_lease` bounds how long a breaker probe or a
-/// first call after a pause may stay out before another replica may send one.
+/// first call after a pause may stay out before another replica may send one. `look_first`:
+/// check cheaply whether anything is due before taking the lock (when the last dispatch found
+/// nothing).
 pub async fn dispatch(
     pool: &PgPool,
     replica: i64,
     slots: usize,
     probe_lease: Duration,
+    look_first: bool,
 ) -> Result<Dispatched, StoreError> {
-    if !anything_due(pool).await? {
+    if look_first && !anything_due(pool).await? {
         return Ok(Dispatched {
             idle: true,
             ..Default::default()
@@ -139,9 +142,10 @@ pub async fn dispatch(
     sqlx::query("SELECT 1 FROM sheepdog.limit_scopes WHERE scope = '*' FOR UPDATE")
         .execute(&mut *tx)
         .await?;
-    let now: DateTime<Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
-        .fetch_one(&mut *tx)
-        .await?;
+    let (now, vclock): (DateTime<Utc>, i64) =
+        sqlx::query_as("SELECT clock_timestamp(), vclock FROM sheepdog.scheduler WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await?;
     let global_row: ScopeRow = sqlx::query_as(&format!(
         "SELECT {SCOPE_COLUMNS} FROM sheepdog.limit_scopes s
            LEFT JOIN sheepdog.budget b ON b.scope = s.scope
@@ -152,7 +156,9 @@ pub async fn dispatch(
     .fetch_one(&mut *tx)
     .await?;
     let (mut global, burst) = scope_of(global_row);
-    let lanes = lanes(&mut tx).await?;
+    let pairs = pairs(&mut tx).await?;
+    let mut lanes: Vec<String> = pairs.iter().map(|p| p.model.clone()).collect();
+    lanes.dedup();
     sqlx::query("SELECT 1 FROM sheepdog.limit_scopes WHERE scope = ANY($1) AND scope <> '*' ORDER BY scope FOR UPDATE")
         .bind(&lanes)
         .execute(&mut *tx)
@@ -172,10 +178,11 @@ pub async fn dispatch(
     let breakers = breakers(&mut tx, &lanes).await?;
     let planner = Planner::new(now, burst, global, models, &lanes, &breakers);
     let open = planner.open_lanes(&lanes);
-    let candidates = if open.is_empty() {
+    let open_pairs: Vec<&Pair> = pairs.iter().filter(|p| open.contains(&p.model)).collect();
+    let candidates = if open_pairs.is_empty() {
         Vec::new()
     } else {
-        candidates(&mut tx, &open, now, slots).await?
+        candidates(&mut tx, &open_pairs, vclock, now, slots).await?
     };
     let plan = planner.plan(&lanes, candidates, slots);
     let jobs = apply(&mut tx, &plan, replica, now, probe_lease).await?;
@@ -214,15 +221,29 @@ async fn token_windows(
     Ok(())
 }
 
-/// The models that have jobs waiting: a loose index scan of `backlog_lane`, one probe per model.
-async fn lanes(tx: &mut Transaction<'_, Postgres>) -> Result<Vec<String>, StoreError> {
-    Ok(sqlx::query_scalar(
-        "WITH RECURSIVE m AS (
-             (SELECT model FROM sheepdog.backlog ORDER BY model LIMIT 1)
+/// A batch with jobs of a model waiting.
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct Pair {
+    model: String,
+    batch_id: String,
+    priority: i16,
+    vpass: i64,
+}
+
+/// Every (model, batch) with jobs waiting: a loose index scan of `backlog_lane`, one probe per
+/// pair, however many jobs each has.
+async fn pairs(tx: &mut Transaction<'_, Postgres>) -> Result<Vec<Pair>, StoreError> {
+    Ok(sqlx::query_as(
+        "WITH RECURSIVE p AS (
+             (SELECT model, batch_id FROM sheepdog.backlog ORDER BY model, batch_id LIMIT 1)
              UNION ALL
-             SELECT (SELECT b.model FROM sheepdog.backlog b WHERE b.model > m.model ORDER BY b.model LIMIT 1)
-               FROM m WHERE m.model IS NOT NULL)
-         SELECT model FROM m WHERE model IS NOT NULL",
+             SELECT n.model, n.batch_id FROM p CROSS JOIN LATERAL (
+                 SELECT b.model, b.batch_id FROM sheepdog.backlog b
+                  WHERE (b.model, b.batch_id) > (p.model, p.batch_id)
+                  ORDER BY b.model, b.batch_id LIMIT 1) n)
+         SELECT p.model, p.batch_id, coalesce(bt.priority, 1::smallint) AS priority,
+                coalesce(bt.vpass, 0) AS vpass
+           FROM p LEFT JOIN sheepdog.batches bt ON bt.batch_id = p.batch_id",
     )
     .fetch_all(&mut **tx)
     .await?)
@@ -266,53 +287,63 @@ async fn breakers(
         .collect())
 }
 
-type CandidateRow = (
-    String,
-    String,
-    String,
-    i16,
-    i64,
-    Option<i64>,
-    Option<Decimal>,
-    Option<Decimal>,
-);
+type CandidateRow = (String, String, String, Option<i64>, Option<Decimal>);
 
-/// The first `slots` due jobs of each open lane, in priority and virtual-time order.
+/// The first due jobs of each open (model, batch), in arrival order, each with its virtual
+/// time: its batch's pass (or the clock, if later) plus its place in the batch.
 async fn candidates(
     tx: &mut Transaction<'_, Postgres>,
-    lanes: &[String],
+    pairs: &[&Pair],
+    vclock: i64,
     now: DateTime<Utc>,
     slots: usize,
 ) -> Result<Vec<Candidate>, StoreError> {
+    // Enough of each batch to fill the slots between them, and a few more in case some do not
+    // fit (a batch's cap, a model's bucket).
+    let per_batch = slots.div_ceil(pairs.len()).max(4).min(slots.max(1));
+    let models: Vec<&str> = pairs.iter().map(|p| p.model.as_str()).collect();
+    let batches: Vec<&str> = pairs.iter().map(|p| p.batch_id.as_str()).collect();
     let rows: Vec<CandidateRow> = sqlx::query_as(
-        "SELECT c.batch_id, c.custom_id, c.model, c.priority, c.vtime, j.reserve_tokens, j.reserve_cost_usd,
-                NULL::numeric AS cap_left
-           FROM unnest($1::text[]) AS l(model)
+        "SELECT c.batch_id, c.custom_id, c.model, j.reserve_tokens, j.reserve_cost_usd
+           FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS l(model, batch_id, ord)
            CROSS JOIN LATERAL (
-               SELECT b.batch_id, b.custom_id, b.model, b.priority, b.vtime
+               SELECT b.batch_id, b.custom_id, b.model, b.seq
                  FROM sheepdog.backlog b
-                WHERE b.model = l.model AND b.run_at <= $2
-                ORDER BY b.priority DESC, b.vtime
-                LIMIT $3
+                WHERE b.model = l.model AND b.batch_id = l.batch_id AND b.run_at <= $3
+                ORDER BY b.seq
+                LIMIT $4
                 FOR UPDATE SKIP LOCKED) c
-           JOIN sheepdog.jobs j ON j.batch_id = c.batch_id AND j.custom_id = c.custom_id",
+           JOIN sheepdog.jobs j ON j.batch_id = c.batch_id AND j.custom_id = c.custom_id
+          ORDER BY l.ord, c.seq",
     )
-    .bind(lanes)
+    .bind(&models)
+    .bind(&batches)
     .bind(now)
-    .bind(slots as i64)
+    .bind(per_batch as i64)
     .fetch_all(&mut **tx)
     .await?;
+    let by_pair: HashMap<(&str, &str), &&Pair> = pairs
+        .iter()
+        .map(|p| ((p.model.as_str(), p.batch_id.as_str()), p))
+        .collect();
+    let mut rank: HashMap<(String, String), i64> = HashMap::new();
     Ok(rows
         .into_iter()
-        .map(|r| Candidate {
-            batch_id: r.0,
-            custom_id: r.1,
-            model: r.2,
-            priority: r.3,
-            vtime: r.4,
-            tokens: r.5.unwrap_or(0),
-            cost: r.6.unwrap_or_default(),
-            batch_cap_left: r.7,
+        .filter_map(|r| {
+            let pair = by_pair.get(&(r.2.as_str(), r.0.as_str()))?;
+            let i = rank.entry((r.2.clone(), r.0.clone())).or_insert(0);
+            let vtime = pair.vpass.max(vclock) + *i;
+            *i += 1;
+            Some(Candidate {
+                priority: pair.priority,
+                vtime,
+                batch_id: r.0,
+                custom_id: r.1,
+                model: r.2,
+                tokens: r.3.unwrap_or(0),
+                cost: r.4.unwrap_or_default(),
+                batch_cap_left: None,
+            })
         })
         .collect())
 }
@@ -454,11 +485,26 @@ async fn apply(
     .bind(plan.slot)
     .fetch_all(&mut **tx)
     .await?;
+    // Each granted batch's pass moves past its last granted job; the clock, past the last of all.
+    let mut passes: HashMap<&str, i64> = HashMap::new();
+    for g in &plan.grants {
+        let p = passes.entry(g.batch_id.as_str()).or_insert(0);
+        *p = (*p).max(g.vtime + 1);
+    }
+    let pass_batches: Vec<&str> = passes.keys().copied().collect();
+    let pass_values: Vec<i64> = passes.values().copied().collect();
     let max_vtime = plan.grants.iter().map(|g| g.vtime).max().unwrap_or(0);
-    sqlx::query("UPDATE sheepdog.scheduler SET vclock = greatest(vclock, $1) WHERE id = 1")
-        .bind(max_vtime)
-        .execute(&mut **tx)
-        .await?;
+    sqlx::query(
+        "WITH v AS (SELECT * FROM unnest($1::text[], $2::bigint[]) AS v(batch_id, pass)),
+              b AS (UPDATE sheepdog.batches b SET vpass = greatest(b.vpass, v.pass)
+                      FROM v WHERE b.batch_id = v.batch_id)
+         UPDATE sheepdog.scheduler SET vclock = greatest(vclock, $3) WHERE id = 1",
+    )
+    .bind(&pass_batches)
+    .bind(&pass_values)
+    .bind(max_vtime)
+    .execute(&mut **tx)
+    .await?;
     let by_id: HashMap<(String, String), &crate::limits::plan::Grant> = plan
         .grants
         .iter()

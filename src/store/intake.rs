@@ -37,9 +37,10 @@ pub enum Admitted {
     Duplicate,
 }
 
-/// Stores many jobs in one statement: the job row with its message and worst case, and its
-/// backlog row with a virtual time that continues its batch's. A job that already has its
-/// message, or is running or ended, is left alone. Identities must be distinct.
+/// Stores many jobs in one statement: the job row with its message and worst case, its batch
+/// (if new) and its backlog row. A job that already has its message, or is running or ended,
+/// is left alone. Identities must be distinct. Nothing here updates a shared row, so
+/// admissions of one batch from many replicas never wait on each other.
 pub async fn admit(pool: &PgPool, items: Vec<Admission>) -> Result<Vec<Admitted>, StoreError> {
     let n = items.len();
     let mut batch_ids = Vec::with_capacity(n);
@@ -66,37 +67,28 @@ pub async fn admit(pool: &PgPool, items: Vec<Admission>) -> Result<Vec<Admitted>
                 AS t(batch_id, custom_id, model, metadata, message, tokens, cost, ord)
         ), ins AS (
             INSERT INTO sheepdog.jobs AS j
-                (batch_id, custom_id, status, model, metadata, message, reserve_tokens, reserve_cost_usd)
-            SELECT batch_id, custom_id, 'queued', model, metadata, message, tokens, cost FROM input
+                (batch_id, custom_id, status, model, metadata, message, reserve_tokens, reserve_cost_usd, seq)
+            SELECT batch_id, custom_id, 'queued', model, metadata, message, tokens, cost,
+                   nextval('sheepdog.backlog_seq')
+              FROM input ORDER BY ord
             ON CONFLICT (batch_id, custom_id) DO UPDATE
                SET model = EXCLUDED.model,
                    metadata = coalesce(EXCLUDED.metadata, j.metadata),
                    message = EXCLUDED.message,
                    reserve_tokens = EXCLUDED.reserve_tokens,
-                   reserve_cost_usd = EXCLUDED.reserve_cost_usd
+                   reserve_cost_usd = EXCLUDED.reserve_cost_usd,
+                   seq = EXCLUDED.seq
              WHERE j.status = 'queued' AND j.message IS NULL AND j.owner IS NULL
-            RETURNING j.batch_id, j.custom_id, j.model
-        ), fresh AS (
-            SELECT ins.batch_id, ins.custom_id, ins.model,
-                   row_number() OVER (PARTITION BY ins.batch_id ORDER BY i.ord) AS rn,
-                   count(*) OVER (PARTITION BY ins.batch_id) AS n
-              FROM ins JOIN input i ON i.batch_id = ins.batch_id AND i.custom_id = ins.custom_id
-        ), clock AS (
-            SELECT vclock FROM sheepdog.scheduler WHERE id = 1
+            RETURNING j.batch_id, j.custom_id, j.model, j.seq
         ), bat AS (
-            -- Each batch continues its own virtual time from where it stopped, but never from
-            -- behind the clock: a batch that starts waiting now shares the limit with the others.
-            INSERT INTO sheepdog.batches AS b (batch_id, vnext)
-            SELECT DISTINCT f.batch_id, clock.vclock + f.n FROM fresh f, clock
-            ON CONFLICT (batch_id) DO UPDATE
-               SET vnext = greatest(b.vnext, (SELECT vclock FROM clock)) + (EXCLUDED.vnext - (SELECT vclock FROM clock))
-            RETURNING b.batch_id, b.vnext, b.priority
+            INSERT INTO sheepdog.batches (batch_id)
+            SELECT DISTINCT batch_id FROM ins
+            ON CONFLICT (batch_id) DO NOTHING
         ), back AS (
-            INSERT INTO sheepdog.backlog (batch_id, custom_id, model, priority, vtime)
-            SELECT f.batch_id, f.custom_id, f.model, bat.priority, bat.vnext - f.n + f.rn - 1
-              FROM fresh f JOIN bat ON bat.batch_id = f.batch_id
+            INSERT INTO sheepdog.backlog (batch_id, custom_id, model, seq)
+            SELECT batch_id, custom_id, model, seq FROM ins
         )
-        SELECT batch_id, custom_id FROM fresh
+        SELECT batch_id, custom_id FROM ins
         "#,
     )
     .bind(&batch_ids)

@@ -166,13 +166,12 @@ async fn release_jobs(
                 message = CASE WHEN j.attempts >= $2 THEN NULL ELSE j.message END
               FROM before LEFT JOIN cost ON cost.batch_id = before.batch_id AND cost.custom_id = before.custom_id
              WHERE j.batch_id = before.batch_id AND j.custom_id = before.custom_id
-            RETURNING j.batch_id, j.custom_id, j.model, j.status, j.attempts
+            RETURNING j.batch_id, j.custom_id, j.model, j.status, j.attempts, j.seq
         ), back AS (
-            INSERT INTO sheepdog.backlog (batch_id, custom_id, model, priority, vtime)
-            SELECT job.batch_id, job.custom_id, job.model, coalesce(b.priority, 1),
-                   (SELECT vclock FROM sheepdog.scheduler WHERE id = 1)
-              FROM job LEFT JOIN sheepdog.batches b ON b.batch_id = job.batch_id
-             WHERE job.status = 'queued'
+            -- Taken over, a job keeps its place in line: it goes before those that came later.
+            INSERT INTO sheepdog.backlog (batch_id, custom_id, model, seq)
+            SELECT job.batch_id, job.custom_id, job.model, coalesce(job.seq, nextval('sheepdog.backlog_seq'))
+              FROM job WHERE job.status = 'queued'
             ON CONFLICT (batch_id, custom_id) DO NOTHING
         ), dead AS (
             INSERT INTO sheepdog.outbox (routing_key, headers, body)

@@ -188,13 +188,13 @@ pub async fn settle(pool: &PgPool, items: Vec<Settlement>) -> Result<Vec<()>, St
               FROM u
              WHERE j.batch_id = u.batch_id AND j.custom_id = u.custom_id
                AND j.status = 'running' AND j.owner = u.replica
-            RETURNING j.batch_id, j.custom_id, j.model, j.status, u.retry_ms, u.dead_reason
+            RETURNING j.batch_id, j.custom_id, j.model, j.status, j.seq, u.retry_ms, u.dead_reason
         ), back AS (
-            INSERT INTO sheepdog.backlog (batch_id, custom_id, model, priority, vtime, run_at)
-            SELECT job.batch_id, job.custom_id, job.model, coalesce(b.priority, 1),
-                   (SELECT vclock FROM sheepdog.scheduler WHERE id = 1),
+            -- A retry keeps its place in line; only its time is later.
+            INSERT INTO sheepdog.backlog (batch_id, custom_id, model, seq, run_at)
+            SELECT job.batch_id, job.custom_id, job.model, coalesce(job.seq, nextval('sheepdog.backlog_seq')),
                    now() + make_interval(secs => coalesce(job.retry_ms, 0) / 1000.0)
-              FROM job LEFT JOIN sheepdog.batches b ON b.batch_id = job.batch_id
+              FROM job
              WHERE job.status = 'queued'
             ON CONFLICT (batch_id, custom_id) DO NOTHING
         )

@@ -23,6 +23,7 @@ const MAX_ASK: usize = 256;
 
 pub async fn run(w: Arc<Worker>, stop: CancellationToken, calls: TaskTracker) {
     let mut failures = 0u32;
+    let mut idle = true;
     loop {
         let first = tokio::select! {
             p = w.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
@@ -37,9 +38,10 @@ pub async fn run(w: Arc<Worker>, stop: CancellationToken, calls: TaskTracker) {
         }
         let asked = permits.len();
         let started = Instant::now();
-        let wait = match crate::store::dispatch::dispatch(&w.pool, w.replica(), asked, w.probe_lease()).await {
+        let wait = match crate::store::dispatch::dispatch(&w.pool, w.replica(), asked, w.probe_lease(), idle).await {
             Ok(d) => {
                 failures = 0;
+                idle = d.idle || d.jobs.is_empty();
                 w.database_ok();
                 if !d.idle {
                     w.metrics.health.set_held(d.blocked.clone(), d.lanes_blocked.clone());
