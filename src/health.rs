@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Mutex;
 
-use crate::limits::plan::{BlockKind, Blocked};
+use crate::plan::{BlockKind, Blocked};
 
 #[derive(Default)]
 pub struct Health {

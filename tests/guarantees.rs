@@ -10,7 +10,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::scenario::{check_windows, first_arrival, now_ms};
+use common::scenario::{check_windows, first_arrival, grant_to_arrival, now_ms};
 use common::{job_line, wait_for, TestEnv, WorkerProcess};
 use rust_decimal::Decimal;
 use serde_json::Value;
@@ -76,6 +76,8 @@ async fn three_workers_started_together_with_rpm_in_their_env_hold_it_from_the_f
     let _workers = WorkerProcess::start_many(&env, 3, &[("SHEEPDOG_RPM", "600".into())]);
     let calls = calls_for(&env, None, 61.0, Duration::from_secs(120)).await;
     let from = first_arrival(&calls);
+    let (p50, p99, max) = grant_to_arrival(&env.pool, &calls).await;
+    println!("rpm at start: grant to arrival p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms");
     check_windows(
         &calls,
         from,
@@ -99,6 +101,8 @@ async fn three_workers_started_together_with_tpm_in_their_env_hold_it_by_the_ups
     let _workers = WorkerProcess::start_many(&env, 3, &[("SHEEPDOG_TPM", "24000".into())]);
     let calls = calls_for(&env, None, 61.0, Duration::from_secs(120)).await;
     let from = first_arrival(&calls);
+    let (p50, p99, max) = grant_to_arrival(&env.pool, &calls).await;
+    println!("tpm at start: grant to arrival p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms");
     check_windows(
         &calls,
         from,

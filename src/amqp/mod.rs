@@ -189,16 +189,23 @@ pub async fn replay(ch: &Channel, delivery: &lapin::message::Delivery) -> Result
     publish_confirmed(ch, JOBS_QUEUE, &delivery.data, props).await
 }
 
-/// Publishes outbox messages, pipelined, and waits for every confirm. Messages for the default
+/// A message to publish that was prepared elsewhere (the outbox).
+pub struct Outgoing<'a> {
+    /// `""` (the default exchange, routing to a queue) or an exchange name.
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    /// String headers, as a JSON object.
+    pub headers: &'a serde_json::Value,
+    pub body: &'a [u8],
+}
+
+/// Publishes messages, pipelined, and waits for every confirm. Messages for the default
 /// exchange (queues) are `mandatory`: a missing queue is an error. One result per message.
-pub async fn publish_outbox(
-    ch: &Channel,
-    messages: &[crate::store::outbox::OutboxMessage],
-) -> Vec<Result<(), PublishError>> {
+pub async fn publish_all(ch: &Channel, messages: &[Outgoing<'_>]) -> Vec<Result<(), PublishError>> {
     let mut pending = Vec::with_capacity(messages.len());
     for m in messages {
         let mut headers = FieldTable::default();
-        if let Some(obj) = m.headers.0.as_object() {
+        if let Some(obj) = m.headers.as_object() {
             for (k, v) in obj {
                 let v = match v {
                     serde_json::Value::String(s) => str_value(s),
@@ -211,13 +218,13 @@ pub async fn publish_outbox(
         let mandatory = m.exchange.is_empty();
         let r = ch
             .basic_publish(
-                m.exchange.as_str().into(),
-                m.routing_key.as_str().into(),
+                m.exchange.into(),
+                m.routing_key.into(),
                 BasicPublishOptions {
                     mandatory,
                     ..Default::default()
                 },
-                &m.body,
+                m.body,
                 props,
             )
             .await;
@@ -228,7 +235,7 @@ pub async fn publish_outbox(
         let r = match r {
             Ok(confirm) => match confirm.await {
                 Ok(Confirmation::Ack(Some(_))) if !m.exchange.is_empty() => Ok(()),
-                Ok(c) => check_confirmation(c, &m.routing_key),
+                Ok(c) => check_confirmation(c, m.routing_key),
                 Err(e) => Err(PublishError::Amqp(e)),
             },
             Err(e) => Err(PublishError::Amqp(e)),

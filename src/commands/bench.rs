@@ -11,7 +11,7 @@ use serde_json::json;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{LimitArgs, UpstreamArgs, WorkerArgs};
+use crate::config::{AmqpArgs, DbArgs, LimitArgs, UpstreamArgs, WorkerArgs};
 use crate::limits::{BudgetPeriod, LimitChange};
 use crate::upstream::mock::CallRecord;
 use crate::upstream::mock::{MockConfig, MockServer};
@@ -42,6 +42,25 @@ pub struct BenchArgs {
     /// Also write the JSON result to this file.
     #[arg(long)]
     pub json_out: Option<std::path::PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct BenchCommand {
+    #[command(flatten)]
+    pub bench: BenchArgs,
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub amqp: AmqpArgs,
+    #[command(flatten)]
+    pub upstream: UpstreamArgs,
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+}
+
+pub async fn command(c: BenchCommand) -> anyhow::Result<std::process::ExitCode> {
+    run(&c.db.database_url, &c.amqp.amqp_url, c.upstream, c.worker, c.bench).await?;
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 #[derive(Debug, Serialize)]

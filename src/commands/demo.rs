@@ -1,23 +1,35 @@
 //! `sheepdog demo`: the whole path on this machine.
 
+use std::process::ExitCode;
 use std::sync::Arc;
 
-use secrecy::SecretString;
+use clap::Args;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{UpstreamArgs, WorkerArgs};
+use crate::config::{AmqpArgs, DbArgs, UpstreamArgs, WorkerArgs};
 use crate::upstream::mock::{MockConfig, MockServer};
 
 /// The bundled example batch.
 pub const DEMO_BATCH: &str = include_str!("../../examples/demo-batch.jsonl");
 
-pub async fn run(
-    database_url: &SecretString,
-    amqp_url: &SecretString,
-    mut upstream: UpstreamArgs,
-    mut worker: WorkerArgs,
-    replicas: usize,
-) -> anyhow::Result<()> {
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Worker replicas to run.
+    #[arg(long, default_value_t = 2)]
+    pub replicas: usize,
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub amqp: AmqpArgs,
+    #[command(flatten)]
+    pub upstream: UpstreamArgs,
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+}
+
+pub async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
+    let (database_url, amqp_url) = (&a.db.database_url, &a.amqp.amqp_url);
+    let (mut upstream, mut worker, replicas) = (a.upstream, a.worker, a.replicas);
     println!("1/5 migrate: database and queues");
     let pool = super::migrate(database_url, amqp_url).await?;
 
@@ -100,5 +112,5 @@ pub async fn run(
         crate::redact::redact_url(secrecy::ExposeSecret::expose_secret(database_url))
     );
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }

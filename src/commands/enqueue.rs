@@ -3,10 +3,12 @@
 
 use std::collections::HashSet;
 use std::io::BufRead;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lapin::options::BasicPublishOptions;
 use lapin::Channel;
@@ -15,7 +17,64 @@ use serde_json::Value;
 use sqlx::PgPool;
 
 use crate::amqp::{self, JOBS_QUEUE};
+use crate::config::{AmqpArgs, DbArgs, MessageArgs};
 use crate::job::{Job, MAX_BATCH_ID_BYTES};
+
+#[derive(Args)]
+pub struct EnqueueArgs {
+    /// The JSONL file, one request per line.
+    pub file: PathBuf,
+    /// The batch these jobs belong to.
+    #[arg(long)]
+    pub batch: String,
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub message: MessageArgs,
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub amqp: AmqpArgs,
+}
+
+/// Publishes the file; exit code 3 when lines were refused, 4 when some were not confirmed.
+pub async fn run(a: EnqueueArgs) -> anyhow::Result<ExitCode> {
+    let pool = super::open_db(&a.db.database_url).await?;
+    let r = enqueue_file(
+        &pool,
+        &a.amqp.amqp_url,
+        &a.file,
+        &a.batch,
+        a.message.max_message_bytes,
+        !a.quiet,
+    )
+    .await?;
+    for x in &r.refused {
+        eprintln!("line {}: refused: {}", x.line, x.reason);
+    }
+    if !r.unconfirmed.is_empty() {
+        eprintln!(
+            "lines not confirmed by the broker (run enqueue again to publish them): {:?}",
+            r.unconfirmed
+        );
+    }
+    println!(
+        "batch {}: {} published ({} new jobs), {} refused, {} unconfirmed",
+        a.batch,
+        r.published,
+        r.new_jobs,
+        r.refused.len(),
+        r.unconfirmed.len()
+    );
+    Ok(if !r.unconfirmed.is_empty() {
+        ExitCode::from(4)
+    } else if !r.refused.is_empty() {
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
 
 /// Lines published per round of confirms.
 const CHUNK: usize = 2000;

@@ -1,11 +1,45 @@
 //! `sheepdog limits set` and `sheepdog limits show`.
 
 use std::fmt::Write;
+use std::process::ExitCode;
 
+use clap::Subcommand;
 use rust_decimal::Decimal;
 use sqlx::PgPool;
 
+use crate::config::{DbArgs, LimitArgs};
 use crate::limits::breaker::BreakerState;
+
+#[derive(Subcommand)]
+pub enum LimitsAction {
+    /// Change limits; 0 means unlimited, an omitted flag keeps its value.
+    Set {
+        #[command(flatten)]
+        limits: LimitArgs,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Current limits and their use.
+    Show {
+        #[command(flatten)]
+        db: DbArgs,
+    },
+}
+
+pub async fn run(action: LimitsAction) -> anyhow::Result<ExitCode> {
+    match action {
+        LimitsAction::Set { limits, db } => {
+            let pool = super::open_db(&db.database_url).await?;
+            crate::limits::apply(&pool, crate::limits::ALL, &limits.change()).await?;
+            print!("{}", render(&pool).await?);
+        }
+        LimitsAction::Show { db } => {
+            let pool = super::open_db(&db.database_url).await?;
+            print!("{}", render(&pool).await?);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
 
 /// Every scope's limits, their use in the last minute, budgets, pauses and breakers.
 pub async fn render(pool: &PgPool) -> anyhow::Result<String> {

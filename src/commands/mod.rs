@@ -1,23 +1,140 @@
-//! The commands of the `sheepdog` binary. Each owns its output and its exit code.
+//! The commands of the `sheepdog` binary. Each module owns its command's arguments (clap), its
+//! output and its exit code; `run` dispatches.
 
 pub mod bench;
 pub mod dead;
 pub mod demo;
 pub mod enqueue;
 pub mod limits;
+pub mod mock;
 pub mod report;
 pub mod status;
+pub mod worker;
 
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
+use clap::{Args, Subcommand};
 use secrecy::SecretString;
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 
-use crate::config::{LimitArgs, UpstreamArgs, WorkerArgs};
+use crate::config::{AmqpArgs, DbArgs, LimitArgs, UpstreamArgs, WorkerArgs};
 use crate::prices::PriceTable;
 use crate::upstream::Client;
 use crate::worker::Worker;
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Apply the Postgres migrations and declare the AMQP topology (idempotent).
+    Migrate(MigrateArgs),
+    /// Consume jobs until SIGTERM/SIGINT.
+    Worker(worker::WorkerCommand),
+    /// Show or change the limits shared by every replica (no restart needed).
+    Limits {
+        #[command(subcommand)]
+        action: limits::LimitsAction,
+    },
+    /// Inspect and replay dead-lettered jobs.
+    Dead {
+        #[command(subcommand)]
+        action: dead::DeadAction,
+    },
+    /// Cost and tokens by day, model and batch.
+    Report(report::ReportArgs),
+    /// Publish an OpenAI Batch input file (JSONL) as jobs.
+    Enqueue(enqueue::EnqueueArgs),
+    /// Counts by status, tokens, cost and latency of a batch.
+    Status(status::StatusArgs),
+    /// Write a batch's results as OpenAI Batch output lines.
+    Export(status::ExportArgs),
+    /// The whole path on this machine, with the mock unless HOLYSHEEP_API_KEY is set.
+    Demo(demo::DemoArgs),
+    /// End-to-end benchmark against the in-process mock.
+    Bench(bench::BenchCommand),
+    /// An OpenAI-compatible stand-in for HolySheep.
+    MockUpstream(mock::MockArgs),
+}
+
+impl Command {
+    /// Commands that print their own story: per-job log lines would drown it.
+    pub fn tells_its_own_story(&self) -> bool {
+        matches!(self, Command::Demo(_) | Command::Bench(_))
+    }
+}
+
+/// Runs a command; its exit code.
+pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Migrate(a) => {
+            migrate(&a.db.database_url, &a.amqp.amqp_url).await?;
+            println!("migrations applied; queues declared");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Worker(a) => worker::run(a).await,
+        Command::Limits { action } => limits::run(action).await,
+        Command::Dead { action } => dead::run(action).await,
+        Command::Report(a) => report::run(a).await,
+        Command::Enqueue(a) => enqueue::run(a).await,
+        Command::Status(a) => status::run(a).await,
+        Command::Export(a) => status::run_export(a).await,
+        Command::Demo(a) => demo::run(a).await,
+        Command::Bench(a) => bench::command(a).await,
+        Command::MockUpstream(a) => mock::run(a).await,
+    }
+}
+
+#[derive(Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub amqp: AmqpArgs,
+}
+
+/// Logs to stderr: `RUST_LOG` filters, `SHEEPDOG_LOG_FORMAT=json` makes JSON lines.
+pub fn init_logging(quiet: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = if quiet {
+        "warn,sqlx=error,lapin=error"
+    } else {
+        "info,sqlx=warn,lapin=warn"
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let json = std::env::var("SHEEPDOG_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().flatten_event(true).init();
+    } else {
+        b.init();
+    }
+}
+
+/// Cancels on the first SIGTERM/SIGINT; exits at once (130) on the second.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return;
+        };
+        for n in 0..2 {
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            if n == 0 {
+                tracing::info!("signal received: finishing the calls in flight (again to stop at once)");
+                t.cancel();
+            } else {
+                tracing::warn!("second signal: stopping now; another replica takes over the jobs in hand");
+                std::process::exit(130);
+            }
+        }
+    });
+    token
+}
 
 /// `sheepdog migrate`: the database (created if missing), its migrations, and the AMQP topology.
 pub async fn migrate(database_url: &SecretString, amqp_url: &SecretString) -> anyhow::Result<PgPool> {

@@ -1,9 +1,36 @@
 //! `sheepdog report`: cost and tokens by day, model and batch.
 
+use std::process::ExitCode;
+
+use clap::Args;
 use rust_decimal::Decimal;
 use serde_json::json;
 
+use crate::config::DbArgs;
 use crate::store::report::CostRow;
+
+#[derive(Args)]
+pub struct ReportArgs {
+    /// First UTC day (YYYY-MM-DD), included.
+    #[arg(long)]
+    pub since: Option<chrono::NaiveDate>,
+    /// Last UTC day (YYYY-MM-DD), included.
+    #[arg(long)]
+    pub until: Option<chrono::NaiveDate>,
+    #[arg(long)]
+    pub batch: Option<String>,
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
+    #[command(flatten)]
+    pub db: DbArgs,
+}
+
+pub async fn run(a: ReportArgs) -> anyhow::Result<ExitCode> {
+    let pool = super::open_db(&a.db.database_url).await?;
+    let rows = crate::store::report::cost_report(&pool, a.since, a.until, a.batch.as_deref()).await?;
+    print!("{}", render(&rows, a.format));
+    Ok(ExitCode::SUCCESS)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {

@@ -1,16 +1,66 @@
 //! `sheepdog status` and `sheepdog export`.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+use clap::Args;
 use futures::TryStreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
+use crate::config::DbArgs;
 use crate::store::report::{self, BatchStatus};
+
+#[derive(Args)]
+pub struct StatusArgs {
+    #[arg(long)]
+    pub batch: String,
+    /// Block with a progress bar until every job has ended.
+    #[arg(long)]
+    pub wait: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub db: DbArgs,
+}
+
+pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
+    let pool = super::open_db(&a.db.database_url).await?;
+    let s = if a.wait {
+        wait_for_batch(&pool, &a.batch, !a.json).await?
+    } else {
+        report::batch_status(&pool, &a.batch).await?
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        print!("{}", render_status(&pool, &s).await?);
+        print!("\n{}", super::limits::render(&pool).await?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    #[arg(long)]
+    pub batch: String,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub db: DbArgs,
+}
+
+pub async fn run_export(a: ExportArgs) -> anyhow::Result<ExitCode> {
+    let pool = super::open_db(&a.db.database_url).await?;
+    let n = export(&pool, &a.batch, &a.out).await?;
+    println!("wrote {n} lines to {}", a.out.display());
+    Ok(ExitCode::SUCCESS)
+}
 
 /// Waits until every job of the batch has ended, showing a progress bar.
 pub async fn wait_for_batch(pool: &PgPool, batch_id: &str, show_progress: bool) -> anyhow::Result<BatchStatus> {
@@ -126,8 +176,8 @@ fn export_line(batch_id: &str, r: &report::ExportRow) -> Value {
         }),
         _ => Value::Null,
     };
-    let error = match (&r.error, r.status.as_str()) {
-        (_, "succeeded") => Value::Null,
+    let error = match (&r.error, r.status) {
+        (_, crate::store::JobStatus::Succeeded) => Value::Null,
         (Some(e), _) => e.0.clone(),
         (None, _) => json!({"code": "failed", "message": "the job failed"}),
     };

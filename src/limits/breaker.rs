@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
-pub use super::plan::BreakerState;
-use super::plan::ALL;
+pub use crate::plan::BreakerState;
+use crate::plan::ALL;
 use crate::store::StoreError;
 
 /// How a breaker trips and cools down.

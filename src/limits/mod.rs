@@ -5,14 +5,13 @@
 //! made from a copy that may be stale.
 
 pub mod breaker;
-pub mod plan;
 pub mod throttle;
 
 use rust_decimal::Decimal;
 use sqlx::PgPool;
 
+pub use crate::plan::ALL;
 use crate::store::StoreError;
-pub use plan::ALL;
 
 /// A budget's period (UTC).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
@@ -52,7 +51,7 @@ impl LimitChange {
 }
 
 /// Stores the limits of `scope` (`*` or a model). `0` means unlimited; a field left `None`
-/// keeps its value. A request limit switched on starts with a full burst and one changed keeps
+/// keeps its value. A rate limit switched on starts with its burst used and one changed keeps
 /// its level; token limits are sliding windows over what calls used; a budget switched on counts
 /// what the ledger already spent in its period. From the moment this returns, every call of
 /// every replica is held to the new values.
@@ -77,8 +76,9 @@ pub async fn apply(pool: &PgPool, scope: &str, l: &LimitChange) -> anyhow::Resul
         .execute(&mut *tx)
         .await?;
     // Which budget to recount: switched on, or moved to another period.
-    let (had_budget, old_period): (bool, BudgetPeriod) = sqlx::query_as(
-        "SELECT budget_usd IS NOT NULL, budget_period FROM sheepdog.limit_scopes WHERE scope = $1 FOR UPDATE",
+    let (had_budget, old_period, had_tpm): (bool, BudgetPeriod, bool) = sqlx::query_as(
+        "SELECT budget_usd IS NOT NULL, budget_period, tpm IS NOT NULL FROM sheepdog.limit_scopes
+          WHERE scope = $1 FOR UPDATE",
     )
     .bind(scope)
     .fetch_one(&mut *tx)
@@ -99,10 +99,12 @@ pub async fn apply(pool: &PgPool, scope: &str, l: &LimitChange) -> anyhow::Resul
         UPDATE sheepdog.limit_scopes s SET
             rpm = new.rpm,
             tpm = new.tpm,
-            -- A request limit switched on starts with a full burst; one changed keeps its level.
+            -- A request limit switched on starts with its burst used (the moment a limit goes on,
+            -- often as workers start, is when calls reach the upstream least evenly); one
+            -- changed keeps its level.
             req_level = CASE
                 WHEN new.rpm IS NULL THEN 0
-                WHEN old.rpm IS NULL THEN new.rpm * new.usable / 60
+                WHEN old.rpm IS NULL THEN 0
                 ELSE least(new.rpm * new.usable / 60, old.req_level + old.dt * old.rpm / 60) END,
             bucket_at = now(),
             burst_seconds = CASE WHEN $1 = '*' THEN g.burst ELSE s.burst_seconds END,
@@ -122,7 +124,22 @@ pub async fn apply(pool: &PgPool, scope: &str, l: &LimitChange) -> anyhow::Resul
     .bind(budget.is_some())
     .bind(budget.flatten())
     .bind(l.budget_period)
-    .bind(plan::JITTER_SECONDS.parse::<Decimal>().unwrap())
+    .bind(crate::plan::JITTER_SECONDS.parse::<Decimal>().unwrap())
+    .execute(&mut *tx)
+    .await?;
+    // A token limit switched on, likewise, starts with its burst used: a burst's worth counted
+    // in the current tenth of a second.
+    sqlx::query(
+        "INSERT INTO sheepdog.token_slots AS t (scope, slot, tokens)
+         SELECT s.scope, floor(extract(epoch FROM now()) * 10)::bigint,
+                s.tpm * greatest(g.burst_seconds - $3, $3) / 60
+           FROM sheepdog.limit_scopes s, (SELECT burst_seconds FROM sheepdog.limit_scopes WHERE scope = '*') g
+          WHERE s.scope = $1 AND s.tpm IS NOT NULL AND $2
+         ON CONFLICT (scope, slot) DO UPDATE SET tokens = t.tokens + EXCLUDED.tokens",
+    )
+    .bind(scope)
+    .bind(!had_tpm)
+    .bind(crate::plan::JITTER_SECONDS.parse::<Decimal>().unwrap())
     .execute(&mut *tx)
     .await?;
     let has_budget = budget.map_or(had_budget, |b| b.is_some());

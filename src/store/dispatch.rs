@@ -17,9 +17,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 
 use super::StoreError;
 use crate::job::JobId;
-use crate::limits::plan::{
-    slot_of, Blocked, Breaker, BreakerState, Budget, Candidate, Plan, Planner, Scope, HORIZON_SLOTS,
-};
+use crate::plan::{slot_of, Blocked, Breaker, BreakerState, Budget, Candidate, Plan, Planner, Scope, HORIZON_SLOTS};
 
 /// A job granted to this replica: claimed, its `pending` ledger row written.
 #[derive(Debug, Clone)]
@@ -505,7 +503,7 @@ async fn apply(
     .bind(max_vtime)
     .execute(&mut **tx)
     .await?;
-    let by_id: HashMap<(String, String), &crate::limits::plan::Grant> = plan
+    let by_id: HashMap<(String, String), &crate::plan::Grant> = plan
         .grants
         .iter()
         .map(|g| ((g.batch_id.clone(), g.custom_id.clone()), g))

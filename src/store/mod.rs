@@ -20,6 +20,35 @@ use sqlx::{ConnectOptions, Connection, PgPool};
 
 use crate::redact::{redact_url, scrub};
 
+/// A job's status, as `jobs.status` (and the `job_results` view) stores it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type, serde::Serialize)]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    /// Recorded by `enqueue`, or waiting in Postgres for its turn, a limit or a retry.
+    Queued,
+    /// A replica is calling for it.
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl JobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+        }
+    }
+
+    /// Whether the job has its result (or its failure) for good.
+    pub fn ended(self) -> bool {
+        matches!(self, JobStatus::Succeeded | JobStatus::Failed)
+    }
+}
+
 /// A failed statement, told apart by what the caller can do about it.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {

@@ -119,7 +119,7 @@ pub async fn failure_reasons(pool: &PgPool, batch_id: &str, limit: i64) -> sqlx:
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ExportRow {
     pub custom_id: String,
-    pub status: String,
+    pub status: super::JobStatus,
     pub status_code: Option<i32>,
     pub upstream_request_id: Option<String>,
     pub response: Option<sqlx::types::Json<Value>>,

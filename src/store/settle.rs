@@ -7,7 +7,7 @@ use sqlx::types::Json;
 use sqlx::PgPool;
 
 use super::batcher::Keyed;
-use super::StoreError;
+use super::{JobStatus, StoreError};
 use crate::job::JobId;
 
 /// How a call ended in the ledger.
@@ -118,11 +118,13 @@ pub async fn settle(pool: &PgPool, items: Vec<Settlement>) -> Result<Vec<()>, St
         latencies.push(s.latency_ms);
         responses.push(s.response.as_ref().map(Json));
         let (fate, job_error, after, dead_reason) = match &s.fate {
-            JobFate::Succeeded => ("succeeded", None, None, None),
-            JobFate::Failed { error, dead_letter } => ("failed", Some(Json(error)), None, dead_letter.as_deref()),
-            JobFate::Retry { after_ms } => ("queued", None, Some(*after_ms), None),
+            JobFate::Succeeded => (JobStatus::Succeeded, None, None, None),
+            JobFate::Failed { error, dead_letter } => {
+                (JobStatus::Failed, Some(Json(error)), None, dead_letter.as_deref())
+            }
+            JobFate::Retry { after_ms } => (JobStatus::Queued, None, Some(*after_ms), None),
         };
-        fates.push(fate);
+        fates.push(fate.as_str());
         job_errors.push(job_error);
         retry_ms.push(after);
         dead.push(dead_reason);

@@ -63,29 +63,43 @@ pub struct MockModel {
     pub rpm_limit: Option<u64>,
 }
 
-/// What the mock does with each request. Every field can be changed while it runs.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// What the mock does with each request. Every field can be changed while it runs
+/// (`POST /_mock/config`); the defaults are the command line's (`sheepdog mock-upstream`).
+#[derive(Clone, Debug, Serialize, Deserialize, clap::Args)]
 #[serde(default)]
 pub struct MockConfig {
-    /// Added latency, drawn uniformly from `latency_ms_min..=latency_ms_max`.
+    /// Added latency in ms, drawn uniformly from `latency-ms..=latency-ms-max`.
+    #[arg(long = "latency-ms", default_value_t = 0)]
     pub latency_ms_min: u64,
+    /// High end of the latency range (at or below the low end: a fixed latency).
+    #[arg(long = "latency-ms-max", default_value_t = 0)]
     pub latency_ms_max: u64,
+    /// How every call is answered.
+    #[arg(long, value_enum, default_value = "ok")]
     pub mode: MockMode,
     /// Share of calls answered 500, at random.
+    #[arg(long, default_value_t = 0.0)]
     pub error_rate: f64,
     /// Share of calls answered 429 with `Retry-After`, at random.
+    #[arg(long = "rate-429", default_value_t = 0.0)]
     pub rate_429: f64,
     /// `Retry-After` sent with 429s, in seconds.
+    #[arg(long = "retry-after", default_value_t = 1.0)]
     pub retry_after_seconds: f64,
     /// Percent of prompt tokens reported as cached.
+    #[arg(long, default_value_t = 0)]
     pub cached_percent: u64,
     /// When set, requests must carry `Authorization: Bearer <this>`.
+    #[arg(skip)]
     pub api_key: Option<String>,
-    /// Requests answered per sliding minute (the account's limit); the rest get 429.
+    /// Requests answered per sliding minute (an account's limit); the rest get 429.
+    #[arg(long)]
     pub rpm_limit: Option<u64>,
     /// Whether answers carry `x-ratelimit-*` headers when a limit is set.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub ratelimit_headers: bool,
-    /// Per-model overrides, by model name.
+    /// Per-model overrides, by model name (set through `POST /_mock/config`).
+    #[arg(skip)]
     pub models: BTreeMap<String, MockModel>,
 }
 
@@ -123,19 +137,7 @@ impl MockConfig {
 
 impl Default for MockConfig {
     fn default() -> Self {
-        MockConfig {
-            latency_ms_min: 0,
-            latency_ms_max: 0,
-            mode: MockMode::Ok,
-            error_rate: 0.0,
-            rate_429: 0.0,
-            retry_after_seconds: 1.0,
-            cached_percent: 0,
-            api_key: None,
-            rpm_limit: None,
-            ratelimit_headers: true,
-            models: BTreeMap::new(),
-        }
+        crate::config::defaults()
     }
 }
 

@@ -1,7 +1,8 @@
 //! What one call's answer means for the ledger, the job, the breakers and the upstream's
-//! limit: a pure function from the attempt to a [`Decision`]. It touches nothing; `execute`
-//! carries the decision out. The unit tests below walk the README's "What happens to a job"
-//! table through it row by row.
+//! limit: a pure function from the attempt (and whether it was a breaker's probe or the first
+//! call after an upstream pause) to a [`Decision`]. It touches nothing; `execute` carries the
+//! decision out. The unit tests below walk the rows of the README's "What happens to a job"
+//! table that an upstream answer decides, one test per row.
 
 use std::time::Duration;
 
@@ -26,6 +27,21 @@ pub struct Context<'a> {
     pub reserve_tokens: u64,
     /// A draw from [0, 1) for the backoff's jitter.
     pub jitter: f64,
+    /// This call was the probe of this scope's breaker.
+    pub probe: Option<&'a str>,
+    /// This call was the first after this scope's upstream pause.
+    pub first_after_pause: Option<&'a str>,
+}
+
+/// What a breaker records from one answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BreakerNote {
+    /// An ordinary call, in this replica's windows (failures may open the model's breaker).
+    Record(Health),
+    /// The answer to a breaker's probe: `passed` closes it, else it opens again for longer.
+    ProbeAnswered { scope: String, passed: bool },
+    /// The account was refused (401/402/403): open the account-wide breaker now.
+    AccountRefused { reason: String },
 }
 
 /// The ledger row a call leaves.
@@ -48,14 +64,12 @@ pub struct Decision {
     pub fate: JobFate,
     /// The body stored as the job's response when it ends.
     pub response: Option<Value>,
-    /// What the breakers record (None: the call says nothing about the upstream's health).
-    pub health: Option<Health>,
-    /// The account was refused: open the account-wide breaker with this reason.
-    pub account_refused: Option<String>,
-    /// What the upstream said about its own limit.
+    /// What the breakers record, in this order.
+    pub breakers: Vec<BreakerNote>,
+    /// What the upstream said about its own limit (for the model's scope).
     pub upstream_limit: Option<UpstreamLimit>,
-    /// Whether a probe or a first call after a pause may count this as passing.
-    pub passed: bool,
+    /// The first call after this scope's pause came back without a 429: the rest may go.
+    pub gate_passed: Option<String>,
 }
 
 /// Exponential backoff with equal jitter: about 2 s, 4 s, 8 s … up to 10 minutes.
@@ -109,15 +123,32 @@ pub fn decide(a: &Attempt, ctx: &Context) -> Decision {
         Verdict::Transient { .. } if status.is_none_or(|s| s >= 500) => Some(Health::ModelFailed),
         _ => Some(Health::Answered),
     };
-    let passed = matches!(a.verdict, Verdict::Ok | Verdict::Permanent { .. });
+    let mut breakers = Vec::new();
+    if let Verdict::Paused { reason } = &a.verdict {
+        breakers.push(BreakerNote::AccountRefused {
+            reason: format!("account refused: {reason}"),
+        });
+    }
+    match (ctx.probe, health) {
+        // A probe passes when the upstream answered (a 2xx, a 4xx, even a 429).
+        (Some(scope), _) => breakers.push(BreakerNote::ProbeAnswered {
+            scope: scope.to_string(),
+            passed: health == Some(Health::Answered),
+        }),
+        (None, Some(h)) => breakers.push(BreakerNote::Record(h)),
+        (None, None) => {}
+    }
+    let gate_passed = ctx
+        .first_after_pause
+        .filter(|_| status != Some(429))
+        .map(str::to_string);
     let mut d = Decision {
         ledger,
         fate: JobFate::Succeeded,
         response: resp.map(|r| r.body.clone()),
-        health,
-        account_refused: None,
+        breakers,
         upstream_limit,
-        passed,
+        gate_passed,
     };
     match &a.verdict {
         Verdict::Ok => {}
@@ -141,9 +172,8 @@ pub fn decide(a: &Attempt, ctx: &Context) -> Decision {
                 };
             }
         }
-        Verdict::Paused { reason } => {
+        Verdict::Paused { .. } => {
             // The key or the balance: no job fails. It waits for the account breaker's probe.
-            d.account_refused = Some(format!("account refused: {reason}"));
             d.fate = JobFate::Retry { after_ms: 0 };
         }
     }
@@ -173,6 +203,8 @@ mod tests {
             reserve_cost: Decimal::from_str("0.01").unwrap(),
             reserve_tokens: 500,
             jitter: 0.5,
+            probe: None,
+            first_after_pause: None,
         }
     }
 
@@ -208,8 +240,7 @@ mod tests {
         assert_eq!(d.ledger.outcome, CallOutcome::Ok);
         assert_eq!(d.ledger.cost_usd, Decimal::from_str("0.00028").unwrap());
         assert_eq!(d.response, Some(body));
-        assert_eq!(d.health, Some(Health::Answered));
-        assert!(d.passed);
+        assert_eq!(d.breakers, vec![BreakerNote::Record(Health::Answered)]);
     }
 
     #[test]
@@ -229,8 +260,11 @@ mod tests {
             }
             assert_eq!(d.ledger.outcome, CallOutcome::Error);
             assert_eq!(d.ledger.cost_usd, Decimal::ZERO);
-            assert_eq!(d.health, Some(Health::Answered), "a 4xx is not an outage");
-            assert!(d.passed, "a 4xx proves the upstream answers (a probe passes)");
+            assert_eq!(
+                d.breakers,
+                vec![BreakerNote::Record(Health::Answered)],
+                "a 4xx is not an outage"
+            );
         }
     }
 
@@ -238,12 +272,11 @@ mod tests {
     fn a_5xx_or_timeout_retries_with_backoff_and_feeds_the_model_breaker() {
         let p = price();
         let d = decide(&answered(503, json!({}), transient("HTTP 503", None)), &ctx(&p, 1));
-        assert_eq!(d.health, Some(Health::ModelFailed));
+        assert_eq!(d.breakers, vec![BreakerNote::Record(Health::ModelFailed)]);
         match d.fate {
             JobFate::Retry { after_ms } => assert!((1000..=2000).contains(&after_ms), "{after_ms}"),
             f => panic!("{f:?}"),
         }
-        assert!(!d.passed);
         let timeout = Attempt {
             response: None,
             verdict: transient("upstream call timed out", None),
@@ -258,7 +291,7 @@ mod tests {
             Decimal::from_str("0.01").unwrap(),
             "at its reservation"
         );
-        assert_eq!(d.health, Some(Health::ModelFailed));
+        assert_eq!(d.breakers, vec![BreakerNote::Record(Health::ModelFailed)]);
         match d.fate {
             JobFate::Retry { after_ms } => assert!((4000..=8000).contains(&after_ms)),
             f => panic!("{f:?}"),
@@ -276,7 +309,7 @@ mod tests {
             unreachable: true,
         };
         let d = decide(&a, &ctx(&p, 1));
-        assert_eq!(d.health, Some(Health::Unreachable));
+        assert_eq!(d.breakers, vec![BreakerNote::Record(Health::Unreachable)]);
         assert_eq!(
             (d.ledger.outcome, d.ledger.cost_usd),
             (CallOutcome::Error, Decimal::ZERO)
@@ -296,7 +329,11 @@ mod tests {
                 reset: None
             })
         );
-        assert_eq!(d.health, Some(Health::Answered), "a 429 is not an outage");
+        assert_eq!(
+            d.breakers,
+            vec![BreakerNote::Record(Health::Answered)],
+            "a 429 is not an outage"
+        );
     }
 
     #[test]
@@ -321,8 +358,10 @@ mod tests {
             };
             let d = decide(&answered(s, json!({}), v), &ctx(&p, 8));
             assert_eq!(d.fate, JobFate::Retry { after_ms: 0 }, "{s}: even on its last attempt");
-            assert!(d.account_refused.unwrap().starts_with("account refused"));
-            assert_eq!(d.health, None);
+            match &d.breakers[..] {
+                [BreakerNote::AccountRefused { reason }] => assert!(reason.starts_with("account refused")),
+                b => panic!("{b:?}"),
+            }
         }
     }
 
@@ -362,5 +401,52 @@ mod tests {
         assert_eq!(backoff(1, 1.0), Duration::from_secs(2));
         assert_eq!(backoff(3, 0.0), Duration::from_secs(4));
         assert_eq!(backoff(30, 1.0), Duration::from_secs(600));
+    }
+
+    #[test]
+    fn a_probe_passes_when_the_upstream_answers_and_fails_when_it_does_not() {
+        let p = price();
+        let mut c = ctx(&p, 2);
+        c.probe = Some("gpt-x");
+        let body = json!({"usage": {"prompt_tokens": 1, "completion_tokens": 1}});
+        let d = decide(&answered(200, body, Verdict::Ok), &c);
+        assert_eq!(
+            d.breakers,
+            vec![BreakerNote::ProbeAnswered {
+                scope: "gpt-x".into(),
+                passed: true
+            }]
+        );
+        let d = decide(&answered(503, json!({}), transient("HTTP 503", None)), &c);
+        assert_eq!(
+            d.breakers,
+            vec![BreakerNote::ProbeAnswered {
+                scope: "gpt-x".into(),
+                passed: false
+            }]
+        );
+        let d = decide(&answered(429, json!({}), transient("HTTP 429", None)), &c);
+        assert_eq!(
+            d.breakers,
+            vec![BreakerNote::ProbeAnswered {
+                scope: "gpt-x".into(),
+                passed: true
+            }],
+            "a 429 proves the model answers; its pause is the throttle's"
+        );
+    }
+
+    #[test]
+    fn the_first_call_after_a_pause_opens_the_gate_unless_it_got_a_429() {
+        let p = price();
+        let mut c = ctx(&p, 1);
+        c.first_after_pause = Some("gpt-x");
+        let body = json!({"usage": {"prompt_tokens": 1, "completion_tokens": 1}});
+        assert_eq!(
+            decide(&answered(200, body, Verdict::Ok), &c).gate_passed.as_deref(),
+            Some("gpt-x")
+        );
+        let d = decide(&answered(429, json!({}), transient("HTTP 429", None)), &c);
+        assert_eq!(d.gate_passed, None, "the 429 starts the next, longer pause instead");
     }
 }

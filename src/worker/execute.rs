@@ -13,7 +13,7 @@ use rand::Rng;
 use serde_json::json;
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::decide::{decide, Context, Decision};
+use super::decide::{decide, BreakerNote, Context, Decision};
 use super::Worker;
 use crate::job::Job;
 use crate::limits::throttle::{self, UpstreamLimit};
@@ -74,6 +74,8 @@ async fn call(w: &Worker, g: &Granted, replica: i64) -> Result<Settlement, Settl
         reserve_cost: g.reserve_cost_usd,
         reserve_tokens: g.reserve_tokens.max(0) as u64,
         jitter: rand::rng().random::<f64>(),
+        probe: g.probe.as_deref(),
+        first_after_pause: g.first_after_pause.as_deref(),
     };
     let d = decide(&attempt, &ctx);
     tell_the_shared_state(w, g, replica, &d).await;
@@ -90,51 +92,35 @@ async fn call(w: &Worker, g: &Granted, replica: i64) -> Result<Settlement, Settl
 
 /// Breakers, account, the upstream's limit: what this answer tells every replica.
 async fn tell_the_shared_state(w: &Worker, g: &Granted, replica: i64, d: &Decision) {
-    if let Some(reason) = &d.account_refused {
-        tracing::error!(%reason, "the upstream refused the account: pausing every replica");
-        w.breakers.trip(crate::limits::ALL, reason).await;
-    }
-    match (&g.probe, d.health) {
-        (Some(scope), _) if d.account_refused.is_none() => {
-            let what = d.ledger.error.as_deref().unwrap_or("ok");
-            w.breakers
-                .probe_result(
-                    scope,
-                    replica,
-                    d.passed || d.health == Some(crate::limits::breaker::Health::Answered),
-                    what,
-                )
-                .await;
-        }
-        (_, Some(health)) => {
-            let what = d.ledger.error.as_deref().unwrap_or("ok");
-            w.breakers.record(&g.model, health, what).await;
-        }
-        _ => {}
-    }
-    let result = match d.upstream_limit {
-        Some(UpstreamLimit::TooMany { retry_after, reset }) => {
-            match throttle::too_many(&w.pool, &g.model, retry_after, reset).await {
-                Ok(hold) => {
-                    tracing::warn!(model = %g.model, hold_s = hold.as_secs_f64(), "the upstream answered 429: every replica holds off this model");
-                    Ok(())
-                }
-                Err(e) => Err(e),
+    let what = d.ledger.error.as_deref().unwrap_or("ok");
+    for note in &d.breakers {
+        match note {
+            BreakerNote::AccountRefused { reason } => {
+                tracing::error!(%reason, "the upstream refused the account: no replica calls until a probe passes");
+                w.breakers.trip(crate::limits::ALL, reason).await;
+            }
+            BreakerNote::ProbeAnswered { scope, passed } => {
+                w.breakers.probe_result(scope, replica, *passed, what).await
+            }
+            BreakerNote::Record(health) => {
+                w.breakers.record(&g.model, *health, what).await;
             }
         }
+    }
+    let result = match d.upstream_limit {
+        Some(UpstreamLimit::TooMany { retry_after, reset }) => throttle::too_many(&w.pool, &g.model, retry_after, reset)
+            .await
+            .map(|hold| {
+                tracing::warn!(model = %g.model, hold_s = hold.as_secs_f64(), "the upstream answered 429: every replica holds off this model");
+            }),
         Some(UpstreamLimit::Exhausted { reset }) => throttle::exhausted(&w.pool, &g.model, reset, "rate").await,
         None => Ok(()),
     };
     if let Err(e) = result {
         tracing::warn!(error = %e, "could not record the upstream's limit");
     }
-    if let Some(scope) = &g.first_after_pause {
-        let r = if matches!(d.upstream_limit, Some(UpstreamLimit::TooMany { .. })) {
-            Ok(()) // the 429 above started the next round
-        } else {
-            throttle::first_passed(&w.pool, scope, replica).await
-        };
-        if let Err(e) = r {
+    if let Some(scope) = &d.gate_passed {
+        if let Err(e) = throttle::first_passed(&w.pool, scope, replica).await {
             tracing::warn!(error = %e, "could not open the gate after the first call");
         }
     }

@@ -14,7 +14,17 @@ pub async fn run(w: Arc<Worker>, ch: Channel, stop: CancellationToken) {
         let published = match crate::store::outbox::take(&w.pool, 200).await {
             Ok(Some(taken)) => {
                 let mut ok = Vec::with_capacity(taken.messages.len());
-                let results = crate::amqp::publish_outbox(&ch, &taken.messages).await;
+                let outgoing: Vec<crate::amqp::Outgoing> = taken
+                    .messages
+                    .iter()
+                    .map(|m| crate::amqp::Outgoing {
+                        exchange: &m.exchange,
+                        routing_key: &m.routing_key,
+                        headers: &m.headers.0,
+                        body: &m.body,
+                    })
+                    .collect();
+                let results = crate::amqp::publish_all(&ch, &outgoing).await;
                 for (m, r) in taken.messages.iter().zip(results) {
                     match r {
                         Ok(()) => ok.push(m.id),

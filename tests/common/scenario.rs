@@ -80,3 +80,26 @@ pub fn now_ms() -> f64 {
         .as_secs_f64()
         * 1000.0
 }
+
+/// How long after its grant (the dispatch's clock) each call reached the upstream (the mock's
+/// clock; both are this machine's): (p50, p99, max) in milliseconds.
+pub async fn grant_to_arrival(pool: &sqlx::PgPool, calls: &[CallRecord]) -> (f64, f64, f64) {
+    let rows: Vec<(String, f64)> = sqlx::query_as(
+        "SELECT upstream_request_id, extract(epoch FROM started_at)::float8 * 1000
+           FROM sheepdog.calls WHERE upstream_request_id IS NOT NULL",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let granted: std::collections::HashMap<String, f64> = rows.into_iter().collect();
+    let mut delays: Vec<f64> = calls
+        .iter()
+        .filter_map(|c| granted.get(&c.request_id).map(|g| c.arrived_ms - g))
+        .collect();
+    delays.sort_by(|a, b| a.total_cmp(b));
+    if delays.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    let at = |q: f64| delays[((delays.len() - 1) as f64 * q) as usize];
+    (at(0.5), at(0.99), *delays.last().unwrap())
+}

@@ -1,4 +1,5 @@
-//! Which waiting jobs may be called now: the pure heart of dispatch.
+//! Which waiting jobs may be called now: the pure heart of dispatch. A leaf module: it uses
+//! nothing else of sheepdog, so every other part may use it.
 //!
 //! `store::dispatch` loads, under a lock on the all-models scope, the state every call must fit
 //! (token buckets, budgets, breakers, the upstream's own pauses), asks [`Planner::open_lanes`]
@@ -22,8 +23,9 @@ pub const SLOTS_PER_SECOND: i64 = 10;
 /// How far back token windows are checked, in slots (a minute).
 pub const HORIZON_SLOTS: i64 = 60 * SLOTS_PER_SECOND;
 /// Seconds of every burst kept in reserve for the time between a grant and the call's arrival
-/// at the upstream, so that windows measured where the calls arrive hold too.
-pub const JITTER_SECONDS: &str = "0.05";
+/// at the upstream, so that windows measured where the calls arrive hold too. Measured on a
+/// loaded two-core machine: 3.5 ms at the median, 24 to 73 ms at the 99th percentile.
+pub const JITTER_SECONDS: &str = "0.1";
 
 fn jitter() -> Decimal {
     JITTER_SECONDS.parse().unwrap()
@@ -709,27 +711,23 @@ mod tests {
         g.req_level = capacity(d("600"), Decimal::ONE);
         let jobs = (0..30).map(|i| job("a", i, "m", 10)).collect();
         let p = plan(0.0, g, vec![], &[], jobs, 100);
-        assert_eq!(
-            p.grants.len(),
-            9,
-            "9.5 requests of room: 10 per second, 50 ms kept back"
-        );
+        assert_eq!(p.grants.len(), 9, "9 requests of room: 10 per second, 100 ms kept back");
         assert!(p.retry_in.is_some_and(|w| w <= Duration::from_millis(100)));
         assert!(p.blocked.is_none(), "a rate limit is a wait, not a pause");
     }
 
     #[test]
     fn token_windows_count_what_calls_used_and_every_window_of_the_last_minute() {
-        let tpm = d("24000"); // 400 a second; 380 of room at once
+        let tpm = d("24000"); // 400 a second; 360 of room at once
         let now = t(10.0);
-        assert_eq!(token_room(now, tpm, Decimal::ONE, &[]), d("380"));
-        // 300 tokens counted 0.45 s ago: the window starting there has 380 + 0.4 × 400 − 300.
+        assert_eq!(token_room(now, tpm, Decimal::ONE, &[]), d("360"));
+        // 300 tokens counted 0.45 s ago: the window starting there has 360 + 0.4 × 400 − 300.
         let k = slot_of(t(9.55));
         let room = token_room(now, tpm, Decimal::ONE, &[(k, d("300"))]);
-        assert_eq!(room, d("240"));
+        assert_eq!(room, d("220"));
         // Older than a minute: forgotten.
         let old = slot_of(t(-55.0));
-        assert_eq!(token_room(now, tpm, Decimal::ONE, &[(old, d("1000000"))]), d("380"));
+        assert_eq!(token_room(now, tpm, Decimal::ONE, &[(old, d("1000000"))]), d("360"));
         // A minute of steady use at the full rate leaves nothing: no minute holds more than a
         // minute of the rate, burst or not.
         let steady: Vec<(i64, Decimal)> = (0..600)
