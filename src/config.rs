@@ -187,9 +187,13 @@ pub struct LimitArgs {
     /// Budget period (UTC).
     #[arg(long = "budget-period", env = "SHEEPDOG_BUDGET_PERIOD", value_enum)]
     pub budget_period: Option<BudgetPeriod>,
+    /// A JSON file of limits per scope (`*` and models), contract §6.
+    #[arg(long = "limits-file", env = "SHEEPDOG_LIMITS_FILE")]
+    pub limits_file: Option<std::path::PathBuf>,
 }
 
 impl LimitArgs {
+    /// The all-models limits given as flags or environment variables.
     pub fn change(&self) -> LimitChange {
         LimitChange {
             rpm: self.rpm,
@@ -198,6 +202,33 @@ impl LimitArgs {
             budget_usd: self.budget_usd,
             budget_period: self.budget_period,
         }
+    }
+
+    /// Every scope's limits given: the limits file's, then the flags' and environment's for `*`
+    /// over the file's `*`.
+    pub fn changes(&self) -> anyhow::Result<Vec<(String, LimitChange)>> {
+        let mut all = match &self.limits_file {
+            None => Vec::new(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("reading the limits file {}: {e}", path.display()))?;
+                crate::limits::parse_limits_file(&text).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?
+            }
+        };
+        let own = self.change();
+        if !own.is_empty() {
+            match all.iter_mut().find(|(s, _)| s == crate::limits::ALL) {
+                Some((_, file)) => {
+                    file.rpm = own.rpm.or(file.rpm);
+                    file.tpm = own.tpm.or(file.tpm);
+                    file.burst_seconds = own.burst_seconds.or(file.burst_seconds);
+                    file.budget_usd = own.budget_usd.or(file.budget_usd);
+                    file.budget_period = own.budget_period.or(file.budget_period);
+                }
+                None => all.insert(0, (crate::limits::ALL.to_string(), own)),
+            }
+        }
+        Ok(all)
     }
 }
 

@@ -8,6 +8,7 @@ pub mod health;
 pub mod job;
 pub mod limits;
 pub mod metrics;
+pub mod money;
 pub mod plan;
 pub mod prices;
 pub mod redact;

@@ -27,8 +27,8 @@ pub struct Metrics {
     pub in_flight: AtomicI64,
     /// What the replica can do now, and why not.
     pub health: Arc<Health>,
-    /// Budget left this period (None: no budget).
-    pub budget_left_usd: Mutex<Option<Decimal>>,
+    /// Every scope's limits and their use (`sheepdog.limit_usage`), as last read.
+    scopes: Mutex<Vec<crate::limits::ScopeUsage>>,
     /// Messages ready in sheepdog's queues, by queue.
     pub queue_depth: Mutex<BTreeMap<String, u32>>,
     /// Jobs waiting in Postgres for a call.
@@ -75,6 +75,10 @@ impl Metrics {
         }
         h.sum += s;
         h.count += 1;
+    }
+
+    pub fn set_scopes(&self, v: Vec<crate::limits::ScopeUsage>) {
+        *self.scopes.lock().unwrap() = v;
     }
 
     pub fn set_breakers(&self, v: Vec<BreakerView>) {
@@ -211,14 +215,52 @@ impl Metrics {
                 );
             }
         }
-        if let Some(left) = *self.budget_left_usd.lock().unwrap() {
+        {
+            let scopes = self.scopes.lock().unwrap();
+            c(
+                &mut o,
+                "sheepdog_limit",
+                "Limits shared by all replicas, by scope (`*` or a model) and kind (rpm, tpm, budget_usd).",
+                "gauge",
+            );
+            for u in scopes.iter() {
+                let scope = label(&u.scope);
+                for (kind, v) in [("rpm", u.rpm), ("tpm", u.tpm), ("budget_usd", u.budget_usd)] {
+                    if let Some(v) = v {
+                        let _ = writeln!(o, "sheepdog_limit{{scope=\"{scope}\",kind=\"{kind}\"}} {v}");
+                    }
+                }
+            }
+            c(
+                &mut o,
+                "sheepdog_limit_used_last_minute",
+                "Requests and tokens of the last minute, all replicas, by scope.",
+                "gauge",
+            );
+            for u in scopes.iter() {
+                let scope = label(&u.scope);
+                let _ = writeln!(
+                    o,
+                    "sheepdog_limit_used_last_minute{{scope=\"{scope}\",kind=\"requests\"}} {}",
+                    u.requests_last_minute
+                );
+                let _ = writeln!(
+                    o,
+                    "sheepdog_limit_used_last_minute{{scope=\"{scope}\",kind=\"tokens\"}} {}",
+                    u.tokens_last_minute
+                );
+            }
             c(
                 &mut o,
                 "sheepdog_budget_left_usd",
-                "Spend budget left this period, all replicas together.",
+                "Spend budget left this period, all replicas together, by scope (absent without a budget).",
                 "gauge",
             );
-            let _ = writeln!(o, "sheepdog_budget_left_usd {left}");
+            for u in scopes.iter() {
+                if let Some(left) = u.budget_left_usd {
+                    let _ = writeln!(o, "sheepdog_budget_left_usd{{scope=\"{}\"}} {left}", label(&u.scope));
+                }
+            }
         }
         c(
             &mut o,

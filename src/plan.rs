@@ -231,6 +231,8 @@ pub struct Planner {
     burst: Decimal,
     global: Live,
     models: HashMap<String, Live>,
+    /// Cost reserved under each capped batch's cap by this plan.
+    caps: HashMap<String, Decimal>,
 }
 
 impl Planner {
@@ -275,6 +277,7 @@ impl Planner {
             burst,
             global,
             models,
+            caps: HashMap::new(),
         }
     }
 
@@ -324,13 +327,12 @@ impl Planner {
                 plan.lanes_blocked.push(b.clone());
             }
         }
-        let mut caps: HashMap<String, Decimal> = HashMap::new();
         if plan.blocked.is_none() {
             for c in &candidates {
                 if plan.grants.len() >= slots || self.global.done {
                     break;
                 }
-                match self.try_grant(c, &mut caps) {
+                match self.try_grant(c) {
                     Ok(g) => plan.grants.push(g),
                     Err(Stop::Global) => break,
                     Err(Stop::Lane) | Err(Stop::Job) => continue,
@@ -351,6 +353,11 @@ impl Planner {
             if let (Some(b), false) = (&l.scope.budget, l.reserved.is_zero()) {
                 plan.reserved
                     .push((l.scope.name.clone(), b.period_key.clone(), l.reserved));
+            }
+        }
+        for (batch, taken) in &self.caps {
+            if !taken.is_zero() {
+                plan.reserved.push((batch_cap_scope(batch), "total".into(), *taken));
             }
         }
         plan.levels.sort_by(|a, b| a.scope.cmp(&b.scope));
@@ -392,7 +399,7 @@ impl Planner {
         plan
     }
 
-    fn try_grant(&mut self, c: &Candidate, caps: &mut HashMap<String, Decimal>) -> Result<Grant, Stop> {
+    fn try_grant(&mut self, c: &Candidate) -> Result<Grant, Stop> {
         let now = self.now;
         let burst = self.burst;
         if let Some(lane) = self.models.get(&c.model) {
@@ -425,11 +432,10 @@ impl Planner {
             }
         }
         if let Some(left) = c.batch_cap_left {
-            let used = caps.entry(c.batch_id.clone()).or_insert(Decimal::ZERO);
-            if *used + c.cost > left {
+            let used = self.caps.get(&c.batch_id).copied().unwrap_or_default();
+            if used + c.cost > left {
                 return Err(Stop::Job);
             }
-            *used += c.cost;
         }
         let mut grant = Grant {
             batch_id: c.batch_id.clone(),
@@ -446,6 +452,12 @@ impl Planner {
         if let Some(lane) = self.models.get_mut(&c.model) {
             take(lane, c, &mut grant);
         }
+        if c.batch_cap_left.is_some() {
+            *self.caps.entry(c.batch_id.clone()).or_default() += c.cost;
+            grant
+                .budget_keys
+                .push(format!("{}|total", batch_cap_scope(&c.batch_id)));
+        }
         Ok(grant)
     }
 }
@@ -459,6 +471,11 @@ enum Stop {
     Job,
 }
 
+/// The budget scope a batch's spending cap is kept under.
+pub fn batch_cap_scope(batch_id: &str) -> String {
+    format!("batch:{batch_id}")
+}
+
 /// Budget key as stored on a call: `scope|period_key`.
 pub fn budget_key(scope: &str, b: &Budget) -> String {
     format!("{scope}|{}", b.period_key)
@@ -469,12 +486,19 @@ pub fn capacity(per_minute: Decimal, burst: Decimal) -> Decimal {
     per_minute * (burst - jitter()).max(jitter()) / Decimal::from(60)
 }
 
+/// What may go at once of a requests-per-minute limit: its capacity, but never less than one
+/// request (at `RPM × burst / 60` under 1 no request could ever go; one at a time is the least a
+/// limit can allow).
+pub fn request_capacity(rpm: Decimal, burst: Decimal) -> Decimal {
+    capacity(rpm, burst).max(Decimal::ONE)
+}
+
 /// The request bucket's level at `now`: refilled continuously since `bucket_at`, up to its
 /// capacity.
 fn requests_at(now: DateTime<Utc>, s: &Scope, burst: Decimal) -> Option<Decimal> {
     let dt = s.bucket_at.map(|at| secs(now - at)).unwrap_or(Decimal::ZERO);
     s.rpm
-        .map(|r| (s.req_level + dt * r / Decimal::from(60)).min(capacity(r, burst)))
+        .map(|r| (s.req_level + dt * r / Decimal::from(60)).min(request_capacity(r, burst)))
 }
 
 /// Tokens that can go now without any window passing `capacity + rate × length`:
@@ -708,12 +732,28 @@ mod tests {
     fn a_full_request_bucket_holds_a_burst_less_the_jitter_reserve() {
         let mut g = scope(ALL);
         g.rpm = Some(d("600"));
-        g.req_level = capacity(d("600"), Decimal::ONE);
+        g.req_level = request_capacity(d("600"), Decimal::ONE);
         let jobs = (0..30).map(|i| job("a", i, "m", 10)).collect();
         let p = plan(0.0, g, vec![], &[], jobs, 100);
         assert_eq!(p.grants.len(), 9, "9 requests of room: 10 per second, 100 ms kept back");
         assert!(p.retry_in.is_some_and(|w| w <= Duration::from_millis(100)));
         assert!(p.blocked.is_none(), "a rate limit is a wait, not a pause");
+    }
+
+    #[test]
+    fn a_limit_under_one_request_per_burst_still_lets_one_request_go_at_a_time() {
+        // 60 rpm with a 1 s burst: 0.9 of room less the reserve, so never a whole request
+        // without a floor of one.
+        let mut a = scope("a");
+        a.rpm = Some(d("60"));
+        a.req_level = Decimal::ZERO;
+        let jobs = || (0..10).map(|i| job("x", i, "a", 10)).collect::<Vec<_>>();
+        let p = plan(0.5, scope(ALL), vec![a.clone()], &[], jobs(), 10);
+        assert!(p.grants.is_empty(), "half a second: half a request");
+        let p = plan(1.0, scope(ALL), vec![a.clone()], &[], jobs(), 10);
+        assert_eq!(p.grants.len(), 1, "a second: one request");
+        let p = plan(5.0, scope(ALL), vec![a], &[], jobs(), 10);
+        assert_eq!(p.grants.len(), 1, "a full bucket holds one request, not five");
     }
 
     #[test]
@@ -828,5 +868,23 @@ mod tests {
         let p = plan(0.0, scope(ALL), vec![], &[], jobs, 5);
         let order: Vec<&str> = p.grants.iter().map(|g| g.batch_id.as_str()).collect();
         assert_eq!(order, vec!["urgent", "big", "small", "big", "small"]);
+    }
+
+    #[test]
+    fn a_batch_at_its_cap_waits_and_others_go_on() {
+        let mut jobs: Vec<Candidate> = (0..5)
+            .map(|i| Candidate {
+                batch_cap_left: Some(d("0.025")),
+                ..job("capped", i, "a", 10)
+            })
+            .collect();
+        jobs.extend((0..3).map(|i| job("free", 10 + i, "a", 10)));
+        let p = plan(0.0, scope(ALL), vec![], &[], jobs, 10);
+        let capped = p.grants.iter().filter(|g| g.batch_id == "capped").count();
+        assert_eq!(capped, 2, "0.025 of cap holds two 0.01 worst cases");
+        assert_eq!(p.grants.iter().filter(|g| g.batch_id == "free").count(), 3);
+        assert!(p.reserved.contains(&("batch:capped".into(), "total".into(), d("0.02"))));
+        let g = p.grants.iter().find(|g| g.batch_id == "capped").unwrap();
+        assert_eq!(g.budget_keys, vec!["batch:capped|total".to_string()]);
     }
 }

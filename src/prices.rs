@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::str::FromStr;
 
 use anyhow::Context;
 use rust_decimal::Decimal;
@@ -153,28 +152,14 @@ impl PriceTable {
     }
 }
 
-/// A JSON number (or numeric string) as an exact decimal. `serde_json` prints
-/// an f64 as its shortest round-tripping text, which is the literal written in
-/// the file, so `2.8e-07` becomes exactly 0.00000028.
 fn decimal(v: &Value) -> anyhow::Result<Decimal> {
-    let text = match v {
-        Value::Number(n) => n.to_string(),
-        Value::String(s) => s.trim().to_string(),
-        _ => anyhow::bail!("price must be a number"),
-    };
-    let d = if text.contains(['e', 'E']) {
-        Decimal::from_scientific(&text)
-    } else {
-        Decimal::from_str(&text)
-    }
-    .map_err(|e| anyhow::anyhow!("price {text:?} is not a decimal number: {e}"))?;
-    anyhow::ensure!(d >= Decimal::ZERO, "price {text} is negative");
-    Ok(d.normalize())
+    crate::money::non_negative(v, "price")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::str::FromStr;
 
     #[test]
     fn exact_cost_with_cache() {

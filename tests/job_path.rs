@@ -257,7 +257,7 @@ async fn export_round_trips_to_openai_batch_output() {
     w.stop().await;
 
     let out = std::env::temp_dir().join(format!("{}-out.jsonl", env.name));
-    let n = sheepdog::commands::status::export(&env.pool, "exp", &out)
+    let (n, _) = sheepdog::commands::status::export(&env.pool, "exp", &out, None)
         .await
         .unwrap();
     assert_eq!(n, 41);
@@ -390,7 +390,8 @@ async fn enqueue_reports_bad_lines_and_duplicates_by_line_number() {
     ];
     let path = std::env::temp_dir().join(format!("{}-in.jsonl", env.name));
     std::fs::write(&path, lines.join("\n")).unwrap();
-    let r = sheepdog::commands::enqueue::enqueue_file(&env.pool, &env.amqp_url, &path, "q", 1 << 20, false)
+    let opts = sheepdog::commands::enqueue::EnqueueOptions::batch("q");
+    let r = sheepdog::commands::enqueue::enqueue_file(&env.pool, &env.amqp_url, &path, &opts)
         .await
         .unwrap();
     let _ = std::fs::remove_file(&path);

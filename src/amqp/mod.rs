@@ -12,6 +12,10 @@ use crate::redact::{redact_url, scrub};
 pub const JOBS_QUEUE: &str = "sheepdog.jobs";
 /// Refused and exhausted jobs, with their reason in `x-sheepdog-error`.
 pub const DEAD_QUEUE: &str = "sheepdog.dead";
+/// The durable topic exchange of the results stream (contract §8): routing key = batch id.
+pub const RESULTS_EXCHANGE: &str = "sheepdog.results";
+/// Header naming a results-stream event: `job.finished` or `batch.finished`.
+pub const EVENT_HEADER: &str = "x-sheepdog-event";
 /// Header carrying a dead letter's reason.
 pub const ERROR_HEADER: &str = "x-sheepdog-error";
 /// Header counting how often `dead replay` sent a message back.
@@ -49,6 +53,18 @@ pub async fn declare_topology(channel: &Channel) -> anyhow::Result<()> {
     let mut dead = FieldTable::default();
     dead.insert(ShortString::from("x-queue-type"), str_value("quorum"));
     channel.queue_declare(DEAD_QUEUE.into(), durable, dead).await?;
+
+    channel
+        .exchange_declare(
+            RESULTS_EXCHANGE.into(),
+            lapin::ExchangeKind::Topic,
+            lapin::options::ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
 
     Ok(())
 }
@@ -241,6 +257,38 @@ pub async fn publish_all(ch: &Channel, messages: &[Outgoing<'_>]) -> Vec<Result<
             Err(e) => Err(PublishError::Amqp(e)),
         };
         out.push(r);
+    }
+    out
+}
+
+/// Publishes job messages to `sheepdog.jobs` (persistent, `mandatory`), pipelined, and waits for
+/// every confirm. One result per message.
+pub async fn publish_jobs(ch: &Channel, payloads: &[&[u8]]) -> Vec<Result<(), PublishError>> {
+    let mut pending = Vec::with_capacity(payloads.len());
+    for body in payloads {
+        pending.push(
+            ch.basic_publish(
+                "".into(),
+                JOBS_QUEUE.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                job_properties(None),
+            )
+            .await,
+        );
+    }
+    let mut out = Vec::with_capacity(payloads.len());
+    for r in pending {
+        out.push(match r {
+            Ok(confirm) => confirm
+                .await
+                .map_err(PublishError::from)
+                .and_then(|c| check_confirmation(c, JOBS_QUEUE)),
+            Err(e) => Err(PublishError::Amqp(e)),
+        });
     }
     out
 }

@@ -139,6 +139,7 @@ pub async fn run(
         burst_seconds: None,
         budget_usd: b.budget,
         budget_period: b.budget.map(|_| BudgetPeriod::Total),
+        limits_file: None,
     };
     let mock = MockServer::start(
         "127.0.0.1:0",
@@ -203,7 +204,11 @@ pub async fn run(
     );
     let enqueue = tokio::spawn(async move {
         let t = Instant::now();
-        let r = super::enqueue::enqueue_file(&pool2, &url2, &input2, &batch2, max, false).await;
+        let opts = super::enqueue::EnqueueOptions {
+            max_message_bytes: max,
+            ..super::enqueue::EnqueueOptions::batch(&batch2)
+        };
+        let r = super::enqueue::enqueue_file(&pool2, &url2, &input2, &opts).await;
         (r, t.elapsed())
     });
     let mut last_print = Instant::now();

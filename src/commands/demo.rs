@@ -63,15 +63,12 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&dir)?;
     let input = dir.join("batch.jsonl");
     std::fs::write(&input, DEMO_BATCH)?;
-    let report = super::enqueue::enqueue_file(
-        &pool,
-        amqp_url,
-        &input,
-        &batch_id,
-        worker.message.max_message_bytes,
-        true,
-    )
-    .await?;
+    let opts = super::enqueue::EnqueueOptions {
+        max_message_bytes: worker.message.max_message_bytes,
+        show_progress: true,
+        ..super::enqueue::EnqueueOptions::batch(&batch_id)
+    };
+    let report = super::enqueue::enqueue_file(&pool, amqp_url, &input, &opts).await?;
     println!(
         "3/5 enqueue: {} jobs published to sheepdog.jobs as batch {batch_id}",
         report.published

@@ -10,15 +10,15 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use lapin::options::BasicPublishOptions;
 use lapin::Channel;
 use secrecy::SecretString;
 use serde_json::Value;
 use sqlx::PgPool;
 
-use crate::amqp::{self, JOBS_QUEUE};
+use crate::amqp;
 use crate::config::{AmqpArgs, DbArgs, MessageArgs};
 use crate::job::{Job, MAX_BATCH_ID_BYTES};
+use crate::store::batches::BatchSettings;
 
 #[derive(Args)]
 pub struct EnqueueArgs {
@@ -30,6 +30,9 @@ pub struct EnqueueArgs {
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// The batch's priority, spending cap and completion window.
+    #[command(flatten)]
+    pub settings: super::batch::SettingsArgs,
     #[command(flatten)]
     pub message: MessageArgs,
     #[command(flatten)]
@@ -45,9 +48,12 @@ pub async fn run(a: EnqueueArgs) -> anyhow::Result<ExitCode> {
         &pool,
         &a.amqp.amqp_url,
         &a.file,
-        &a.batch,
-        a.message.max_message_bytes,
-        !a.quiet,
+        &EnqueueOptions {
+            batch_id: &a.batch,
+            max_message_bytes: a.message.max_message_bytes,
+            settings: a.settings.settings(),
+            show_progress: !a.quiet,
+        },
     )
     .await?;
     for x in &r.refused {
@@ -103,15 +109,45 @@ struct Pending {
     payload: Vec<u8>,
 }
 
-/// Publishes every valid line of `path` as a job of `batch_id`.
+/// How to enqueue a file.
+#[derive(Debug, Clone)]
+pub struct EnqueueOptions<'a> {
+    pub batch_id: &'a str,
+    pub max_message_bytes: usize,
+    /// The batch's settings, when given (kept as they are otherwise).
+    pub settings: BatchSettings,
+    pub show_progress: bool,
+}
+
+impl<'a> EnqueueOptions<'a> {
+    /// A batch with the defaults and no progress bar (tests, demo, bench).
+    pub fn batch(batch_id: &'a str) -> Self {
+        EnqueueOptions {
+            batch_id,
+            max_message_bytes: crate::config::defaults::<MessageArgs>().max_message_bytes,
+            settings: BatchSettings::default(),
+            show_progress: false,
+        }
+    }
+}
+
+/// Where a run of `enqueue` publishes: its connection, rebuilt when it breaks.
+struct Publisher<'a> {
+    pool: &'a PgPool,
+    amqp_url: &'a SecretString,
+    conn: Option<lapin::Connection>,
+    channel: Channel,
+    opts: &'a EnqueueOptions<'a>,
+}
+
+/// Publishes every valid line of `path` as a job of the batch.
 pub async fn enqueue_file(
     pool: &PgPool,
     amqp_url: &SecretString,
     path: &Path,
-    batch_id: &str,
-    max_message_bytes: usize,
-    show_progress: bool,
+    opts: &EnqueueOptions<'_>,
 ) -> anyhow::Result<EnqueueReport> {
+    let batch_id = opts.batch_id;
     anyhow::ensure!(
         !batch_id.is_empty() && batch_id.len() <= MAX_BATCH_ID_BYTES,
         "--batch must be 1 to {MAX_BATCH_ID_BYTES} bytes"
@@ -119,7 +155,7 @@ pub async fn enqueue_file(
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
     let reader = std::io::BufReader::with_capacity(1 << 20, file);
-    let bar = if show_progress {
+    let bar = if opts.show_progress {
         ProgressBar::new(size)
     } else {
         ProgressBar::hidden()
@@ -130,9 +166,20 @@ pub async fn enqueue_file(
             .progress_chars("=> "),
     );
 
+    if !opts.settings.is_empty() {
+        crate::store::batches::set(pool, batch_id, &opts.settings)
+            .await
+            .context("setting the batch's priority, cap or deadline")?;
+    }
     let conn = amqp::connect(amqp_url, "sheepdog enqueue").await?;
-    let mut channel = amqp::confirm_channel(&conn).await?;
-    let mut conn = Some(conn);
+    let channel = amqp::confirm_channel(&conn).await?;
+    let mut publisher = Publisher {
+        pool,
+        amqp_url,
+        conn: Some(conn),
+        channel,
+        opts,
+    };
     let mut report = EnqueueReport::default();
     let mut seen: HashSet<String> = HashSet::new();
     let mut chunk: Vec<Pending> = Vec::with_capacity(CHUNK);
@@ -145,7 +192,7 @@ pub async fn enqueue_file(
         if trimmed.is_empty() {
             continue;
         }
-        match prepare(trimmed, batch_id, max_message_bytes) {
+        match prepare(trimmed, batch_id, opts.max_message_bytes) {
             Err(reason) => report.refused.push(Refused { line: n, reason }),
             Ok(p) => {
                 if !seen.insert(p.1.clone()) {
@@ -165,31 +212,13 @@ pub async fn enqueue_file(
             }
         }
         if chunk.len() >= CHUNK {
-            flush(
-                pool,
-                amqp_url,
-                &mut conn,
-                &mut channel,
-                batch_id,
-                &mut chunk,
-                &mut report,
-            )
-            .await?;
+            publisher.flush(&mut chunk, &mut report).await?;
             bar.set_message(format!("{} published", report.published));
         }
     }
-    flush(
-        pool,
-        amqp_url,
-        &mut conn,
-        &mut channel,
-        batch_id,
-        &mut chunk,
-        &mut report,
-    )
-    .await?;
+    publisher.flush(&mut chunk, &mut report).await?;
     bar.finish_and_clear();
-    if let Some(c) = conn {
+    if let Some(c) = publisher.conn {
         let _ = c.close(200, "done".into()).await;
     }
     Ok(report)
@@ -220,89 +249,65 @@ fn prepare(line: &[u8], batch_id: &str, max: usize) -> Result<Prepared, String> 
     Ok((payload, job.id.custom_id, job.model, job.metadata))
 }
 
-async fn flush(
-    pool: &PgPool,
-    amqp_url: &SecretString,
-    conn: &mut Option<lapin::Connection>,
-    channel: &mut Channel,
-    batch_id: &str,
-    chunk: &mut Vec<Pending>,
-    report: &mut EnqueueReport,
-) -> anyhow::Result<()> {
-    if chunk.is_empty() {
-        return Ok(());
-    }
-    // Rows first: a job is `queued` before any worker can see its message.
-    let ids: Vec<String> = chunk.iter().map(|p| p.custom_id.clone()).collect();
-    let models: Vec<String> = chunk.iter().map(|p| p.model.clone()).collect();
-    let metadata: Vec<Option<Value>> = chunk.iter().map(|p| p.metadata.clone()).collect();
-    report.new_jobs += crate::store::intake::register_queued(pool, batch_id, &ids, &models, &metadata)
-        .await
-        .context("recording the batch in Postgres")?;
-
-    let mut todo: Vec<&Pending> = chunk.iter().collect();
-    for round in 0..4 {
-        if round > 0 {
-            // The broker went away or refused some: reconnect and publish those again.
-            tokio::time::sleep(Duration::from_millis(500 * round)).await;
-            match amqp::connect(amqp_url, "sheepdog enqueue").await {
-                Ok(c) => match amqp::confirm_channel(&c).await {
-                    Ok(ch) => {
-                        *channel = ch;
-                        *conn = Some(c);
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot open a channel; retrying");
-                        continue;
-                    }
-                },
-                Err(e) => {
-                    tracing::warn!(error = %e, "broker unreachable; retrying");
-                    continue;
-                }
-            }
-        }
-        let mut confirms = Vec::with_capacity(todo.len());
-        let mut failed: Vec<&Pending> = Vec::new();
-        for p in &todo {
-            match channel
-                .basic_publish(
-                    "".into(),
-                    JOBS_QUEUE.into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    &p.payload,
-                    amqp::job_properties(None),
-                )
-                .await
-            {
-                Ok(c) => confirms.push((*p, c)),
-                Err(_) => failed.push(p),
-            }
-        }
-        for (p, c) in confirms {
-            match c
-                .await
-                .map_err(amqp::PublishError::from)
-                .and_then(|c| amqp::check_confirmation(c, JOBS_QUEUE))
-            {
-                Ok(()) => report.published += 1,
-                Err(amqp::PublishError::Unroutable(q)) => {
-                    anyhow::bail!("no queue {q} on the broker: run `sheepdog migrate` first")
-                }
-                Err(_) => failed.push(p),
-            }
-        }
-        if failed.is_empty() {
-            chunk.clear();
+impl Publisher<'_> {
+    /// Records a chunk's jobs, then publishes it with confirms, reconnecting and publishing the
+    /// unconfirmed lines again up to four rounds.
+    async fn flush(&mut self, chunk: &mut Vec<Pending>, report: &mut EnqueueReport) -> anyhow::Result<()> {
+        if chunk.is_empty() {
             return Ok(());
         }
-        tracing::warn!(lines = failed.len(), "publishes not confirmed; trying again");
-        todo = failed;
+        // Rows first: a job is `queued` before any worker can see its message.
+        let ids: Vec<String> = chunk.iter().map(|p| p.custom_id.clone()).collect();
+        let models: Vec<String> = chunk.iter().map(|p| p.model.clone()).collect();
+        let metadata: Vec<Option<Value>> = chunk.iter().map(|p| p.metadata.clone()).collect();
+        report.new_jobs +=
+            crate::store::intake::register_queued(self.pool, self.opts.batch_id, &ids, &models, &metadata)
+                .await
+                .context("recording the batch in Postgres")?;
+
+        let mut todo: Vec<&Pending> = chunk.iter().collect();
+        for round in 0..4 {
+            if round > 0 {
+                // The broker went away or refused some: reconnect and publish those again.
+                tokio::time::sleep(Duration::from_millis(500 * round)).await;
+                match amqp::connect(self.amqp_url, "sheepdog enqueue").await {
+                    Ok(c) => match amqp::confirm_channel(&c).await {
+                        Ok(ch) => {
+                            self.channel = ch;
+                            self.conn = Some(c);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot open a channel; retrying");
+                            continue;
+                        }
+                    },
+                    Err(e) => {
+                        tracing::warn!(error = %e, "broker unreachable; retrying");
+                        continue;
+                    }
+                }
+            }
+            let payloads: Vec<&[u8]> = todo.iter().map(|p| p.payload.as_slice()).collect();
+            let results = amqp::publish_jobs(&self.channel, &payloads).await;
+            let mut failed: Vec<&Pending> = Vec::new();
+            for (p, r) in todo.iter().zip(results) {
+                match r {
+                    Ok(()) => report.published += 1,
+                    Err(amqp::PublishError::Unroutable(q)) => {
+                        anyhow::bail!("no queue {q} on the broker: run `sheepdog migrate` first")
+                    }
+                    Err(_) => failed.push(p),
+                }
+            }
+            if failed.is_empty() {
+                chunk.clear();
+                return Ok(());
+            }
+            tracing::warn!(lines = failed.len(), "publishes not confirmed; trying again");
+            todo = failed;
+        }
+        report.unconfirmed.extend(todo.iter().map(|p| p.line));
+        chunk.clear();
+        Ok(())
     }
-    report.unconfirmed.extend(todo.iter().map(|p| p.line));
-    chunk.clear();
-    Ok(())
 }

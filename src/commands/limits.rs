@@ -14,6 +14,9 @@ use crate::limits::breaker::BreakerState;
 pub enum LimitsAction {
     /// Change limits; 0 means unlimited, an omitted flag keeps its value.
     Set {
+        /// This model's own limits, instead of the all-models ones.
+        #[arg(long)]
+        model: Option<String>,
         #[command(flatten)]
         limits: LimitArgs,
         #[command(flatten)]
@@ -28,9 +31,18 @@ pub enum LimitsAction {
 
 pub async fn run(action: LimitsAction) -> anyhow::Result<ExitCode> {
     match action {
-        LimitsAction::Set { limits, db } => {
+        LimitsAction::Set { model, limits, db } => {
             let pool = super::open_db(&db.database_url).await?;
-            crate::limits::apply(&pool, crate::limits::ALL, &limits.change()).await?;
+            match model {
+                Some(model) => {
+                    anyhow::ensure!(
+                        limits.limits_file.is_none(),
+                        "--model sets one model's limits; a limits file names its own scopes"
+                    );
+                    crate::limits::apply(&pool, &model, &limits.change()).await?;
+                }
+                None => crate::limits::apply_all(&pool, &limits.changes()?).await?,
+            }
             print!("{}", render(&pool).await?);
         }
         LimitsAction::Show { db } => {

@@ -1,6 +1,7 @@
 //! The commands of the `sheepdog` binary. Each module owns its command's arguments (clap), its
 //! output and its exit code; `run` dispatches.
 
+pub mod batch;
 pub mod bench;
 pub mod dead;
 pub mod demo;
@@ -35,6 +36,11 @@ pub enum Command {
     Limits {
         #[command(subcommand)]
         action: limits::LimitsAction,
+    },
+    /// Control batches: list, show, cancel, pause, resume, and their settings.
+    Batch {
+        #[command(subcommand)]
+        action: batch::BatchAction,
     },
     /// Inspect and replay dead-lettered jobs.
     Dead {
@@ -74,6 +80,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Worker(a) => worker::run(a).await,
         Command::Limits { action } => limits::run(action).await,
+        Command::Batch { action } => batch::run(action).await,
         Command::Dead { action } => dead::run(action).await,
         Command::Report(a) => report::run(a).await,
         Command::Enqueue(a) => enqueue::run(a).await,
@@ -168,10 +175,10 @@ pub async fn build_worker(
 ) -> anyhow::Result<Arc<Worker>> {
     let pool = crate::store::connect(database_url, (args.concurrency as u32 / 8).clamp(4, 32)).await?;
     crate::store::require_schema(&pool).await?;
-    let change = limits.change();
-    if !change.is_empty() {
-        crate::limits::apply(&pool, crate::limits::ALL, &change).await?;
-        tracing::info!(?change, "shared limits set from this replica's settings");
+    let changes = limits.changes()?;
+    if !changes.is_empty() {
+        crate::limits::apply_all(&pool, &changes).await?;
+        tracing::info!(?changes, "shared limits set from this replica's settings");
     }
     let prices = PriceTable::load(args.prices.as_deref())?;
     let client = Client::new(upstream, args.concurrency as usize)?;

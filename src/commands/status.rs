@@ -9,7 +9,6 @@ use anyhow::Context;
 use clap::Args;
 use futures::TryStreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::{json, Value};
 use sqlx::PgPool;
 
 use crate::config::DbArgs;
@@ -51,14 +50,20 @@ pub struct ExportArgs {
     pub batch: String,
     #[arg(long)]
     pub out: PathBuf,
+    /// Also write the lines of jobs that did not succeed here (OpenAI's error file).
+    #[arg(long)]
+    pub errors: Option<PathBuf>,
     #[command(flatten)]
     pub db: DbArgs,
 }
 
 pub async fn run_export(a: ExportArgs) -> anyhow::Result<ExitCode> {
     let pool = super::open_db(&a.db.database_url).await?;
-    let n = export(&pool, &a.batch, &a.out).await?;
+    let (n, n_err) = export(&pool, &a.batch, &a.out, a.errors.as_deref()).await?;
     println!("wrote {n} lines to {}", a.out.display());
+    if let Some(e) = &a.errors {
+        println!("wrote {n_err} lines of jobs that did not succeed to {}", e.display());
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -78,7 +83,7 @@ pub async fn wait_for_batch(pool: &PgPool, batch_id: &str, show_progress: bool) 
     loop {
         let s = report::batch_status(pool, batch_id).await?;
         bar.set_length(s.total as u64);
-        bar.set_position((s.succeeded + s.failed) as u64);
+        bar.set_position((s.total - s.pending) as u64);
         bar.set_message(format!("{} failed, ${}", s.failed, s.cost_usd.round_dp(6)));
         if s.done() {
             bar.finish_and_clear();
@@ -98,9 +103,12 @@ pub async fn render_status(pool: &PgPool, s: &BatchStatus) -> anyhow::Result<Str
     use std::fmt::Write;
     writeln!(o, "batch {}", s.batch_id)?;
     let rows = [
+        ("status", s.status.clone()),
         ("total", s.total.to_string()),
         ("succeeded", s.succeeded.to_string()),
         ("failed", s.failed.to_string()),
+        ("cancelled", s.cancelled.to_string()),
+        ("expired", s.expired.to_string()),
         ("running", s.running.to_string()),
         ("queued", s.queued.to_string()),
         ("upstream calls", s.attempts.to_string()),
@@ -143,43 +151,36 @@ pub async fn render_status(pool: &PgPool, s: &BatchStatus) -> anyhow::Result<Str
     Ok(o)
 }
 
-/// `sheepdog export`: OpenAI Batch output lines for the batch's finished jobs.
-/// Returns how many lines were written.
-pub async fn export(pool: &PgPool, batch_id: &str, out: &Path) -> anyhow::Result<u64> {
-    let tmp = out.with_extension("jsonl.partial");
-    let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let mut w = std::io::BufWriter::new(file);
+/// `sheepdog export`: OpenAI Batch output lines for the batch's ended jobs; with `errors`, the
+/// lines of jobs that did not succeed also go to that file (OpenAI's error file). Returns how
+/// many lines were written to `out`, and to `errors`.
+pub async fn export(pool: &PgPool, batch_id: &str, out: &Path, errors: Option<&Path>) -> anyhow::Result<(u64, u64)> {
+    let open = |path: &Path| -> anyhow::Result<(std::path::PathBuf, std::io::BufWriter<std::fs::File>)> {
+        let tmp = path.with_extension("jsonl.partial");
+        let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        Ok((tmp, std::io::BufWriter::new(file)))
+    };
+    let (tmp, mut w) = open(out)?;
+    let mut err = errors.map(open).transpose()?;
     let mut rows = report::export_rows(pool, batch_id);
-    let mut n = 0u64;
+    let (mut n, mut n_err) = (0u64, 0u64);
     while let Some(r) = rows.try_next().await? {
-        let line = export_line(batch_id, &r);
-        serde_json::to_writer(&mut w, &line)?;
+        r.write_line(&mut w)?;
         w.write_all(b"\n")?;
         n += 1;
+        if let (Some((_, e)), false) = (err.as_mut(), r.status == crate::store::JobStatus::Succeeded) {
+            r.write_line(&mut *e)?;
+            e.write_all(b"\n")?;
+            n_err += 1;
+        }
     }
     w.flush()?;
     drop(w);
     std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;
-    Ok(n)
-}
-
-fn export_line(batch_id: &str, r: &report::ExportRow) -> Value {
-    let id = uuid::Uuid::new_v5(
-        &uuid::Uuid::NAMESPACE_OID,
-        format!("{batch_id}\0{}", r.custom_id).as_bytes(),
-    );
-    let response = match (&r.response, r.status_code) {
-        (Some(body), Some(code)) => json!({
-            "status_code": code,
-            "request_id": r.upstream_request_id,
-            "body": body.0,
-        }),
-        _ => Value::Null,
-    };
-    let error = match (&r.error, r.status) {
-        (_, crate::store::JobStatus::Succeeded) => Value::Null,
-        (Some(e), _) => e.0.clone(),
-        (None, _) => json!({"code": "failed", "message": "the job failed"}),
-    };
-    json!({"id": format!("batch_req_{}", id.simple()), "custom_id": r.custom_id, "response": response, "error": error})
+    if let (Some((tmp, mut e)), Some(path)) = (err, errors) {
+        e.flush()?;
+        drop(e);
+        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok((n, n_err))
 }

@@ -50,12 +50,77 @@ impl LimitChange {
     }
 }
 
+/// Reads a limits file (`SHEEPDOG_LIMITS_FILE`, contract §6): a JSON object keyed by scope
+/// (`*` for all models together, or a model name), each with any of `rpm`, `tpm`, `budget_usd`,
+/// `budget_period` (and `burst_seconds` for `*`). Amounts are read exactly, never through floats.
+/// Returns the scopes in the order to apply them: `*` first, then the models by name.
+pub fn parse_limits_file(text: &str) -> anyhow::Result<Vec<(String, LimitChange)>> {
+    use anyhow::Context;
+    let value: serde_json::Value = serde_json::from_str(text).context("the limits file is not valid JSON")?;
+    let obj = value
+        .as_object()
+        .context("the limits file must be a JSON object keyed by scope (\"*\" or a model name)")?;
+    let mut out = Vec::with_capacity(obj.len());
+    for (scope, entry) in obj {
+        let fields = entry
+            .as_object()
+            .with_context(|| format!("limits file: {scope:?} must be an object of limits"))?;
+        let mut change = LimitChange::default();
+        for (key, v) in fields {
+            let what = format!("limits file: {scope}.{key}");
+            match key.as_str() {
+                "rpm" => change.rpm = Some(crate::money::non_negative(v, &what)?),
+                "tpm" => change.tpm = Some(crate::money::non_negative(v, &what)?),
+                "budget_usd" => change.budget_usd = Some(crate::money::non_negative(v, &what)?),
+                "burst_seconds" if scope == ALL => change.burst_seconds = Some(crate::money::non_negative(v, &what)?),
+                "burst_seconds" => {
+                    anyhow::bail!("{what}: burst seconds are set for \"*\" only; every scope shares them")
+                }
+                "budget_period" => {
+                    change.budget_period = Some(match v.as_str() {
+                        Some("day") => BudgetPeriod::Day,
+                        Some("month") => BudgetPeriod::Month,
+                        Some("total") => BudgetPeriod::Total,
+                        _ => anyhow::bail!("{what} must be \"day\", \"month\" or \"total\""),
+                    })
+                }
+                other => anyhow::bail!(
+                    "limits file: {scope}.{other} is not a limit (rpm, tpm, budget_usd, budget_period, burst_seconds)"
+                ),
+            }
+        }
+        out.push((scope.clone(), change));
+    }
+    out.sort_by(|a, b| (a.0 != ALL, &a.0).cmp(&(b.0 != ALL, &b.0)));
+    Ok(out)
+}
+
+/// Stores several scopes' limits (a limits file, a worker's settings), then waits once for the
+/// calls granted under the old limits to leave.
+pub async fn apply_all(pool: &PgPool, changes: &[(String, LimitChange)]) -> anyhow::Result<()> {
+    for (scope, change) in changes {
+        store_limits(pool, scope, change).await?;
+    }
+    tokio::time::sleep(SETTLE_TIME).await;
+    Ok(())
+}
+
 /// Stores the limits of `scope` (`*` or a model). `0` means unlimited; a field left `None`
 /// keeps its value. A rate limit switched on starts with its burst used and one changed keeps
 /// its level; token limits are sliding windows over what calls used; a budget switched on counts
 /// what the ledger already spent in its period. From the moment this returns, every call of
 /// every replica is held to the new values.
 pub async fn apply(pool: &PgPool, scope: &str, l: &LimitChange) -> anyhow::Result<()> {
+    store_limits(pool, scope, l).await?;
+    // Dispatch takes the all-models row's lock, so no call is granted under the old limits
+    // once this committed. Calls granted just before reach the upstream within milliseconds;
+    // returning after they have keeps "from the moment this returns" true at the upstream.
+    tokio::time::sleep(SETTLE_TIME).await;
+    Ok(())
+}
+
+async fn store_limits(pool: &PgPool, scope: &str, l: &LimitChange) -> anyhow::Result<()> {
+    anyhow::ensure!(!scope.is_empty(), "a scope is \"*\" or a model name, not empty");
     for (name, v) in [("rpm", &l.rpm), ("tpm", &l.tpm), ("budget", &l.budget_usd)] {
         if let Some(v) = v {
             anyhow::ensure!(*v >= Decimal::ZERO, "{name} must not be negative");
@@ -148,10 +213,6 @@ pub async fn apply(pool: &PgPool, scope: &str, l: &LimitChange) -> anyhow::Resul
         recount_budget(&mut tx, scope).await?;
     }
     tx.commit().await?;
-    // Dispatch takes the all-models row's lock, so no call is granted under the old limits
-    // once this committed. Calls granted just before reach the upstream within milliseconds;
-    // returning after they have keeps "from the moment this returns" true at the upstream.
-    tokio::time::sleep(SETTLE_TIME).await;
     Ok(())
 }
 
@@ -221,12 +282,28 @@ pub async fn usage(pool: &PgPool) -> Result<Vec<ScopeUsage>, StoreError> {
     .await?)
 }
 
-/// What the all-models budget has left this period (None: no budget).
-pub async fn budget_left(pool: &PgPool) -> Result<Option<Decimal>, StoreError> {
-    Ok(
-        sqlx::query_scalar("SELECT budget_left_usd FROM sheepdog.limit_usage WHERE scope = '*'")
-            .fetch_optional(pool)
-            .await?
-            .flatten(),
-    )
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_contracts_limits_file_reads_exactly() {
+        let text = r#"{"*": {"rpm": 3000, "tpm": 2000000, "budget_usd": 200, "budget_period": "day"},
+                       "gpt-4.1": {"rpm": 500, "tpm": 300000}, "claude-sonnet-4.5": {"rpm": 50, "budget_usd": 0.0092}}"#;
+        let c = parse_limits_file(text).unwrap();
+        let scopes: Vec<&str> = c.iter().map(|(s, _)| s.as_str()).collect();
+        assert_eq!(scopes, vec!["*", "claude-sonnet-4.5", "gpt-4.1"]);
+        assert_eq!(c[0].1.budget_period, Some(BudgetPeriod::Day));
+        assert_eq!(c[1].1.budget_usd, Some("0.0092".parse().unwrap()));
+        assert_eq!(c[2].1.rpm, Some(Decimal::from(500)));
+        for bad in [
+            r#"{"gpt-4.1": {"rpn": 5}}"#,
+            r#"{"gpt-4.1": {"burst_seconds": 2}}"#,
+            r#"{"*": {"budget_period": "week"}}"#,
+            r#"{"*": {"rpm": -1}}"#,
+            r#"[1]"#,
+        ] {
+            assert!(parse_limits_file(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -226,10 +226,13 @@ struct Pair {
     batch_id: String,
     priority: i16,
     vpass: i64,
+    /// What is left of the batch's spending cap, if it has one.
+    cap_left: Option<Decimal>,
 }
 
-/// Every (model, batch) with jobs waiting: a loose index scan of `backlog_lane`, one probe per
-/// pair, however many jobs each has.
+/// Every (model, batch) with jobs waiting that may go: a loose index scan of `backlog_lane`, one
+/// probe per pair however many jobs each has; then only batches that are active and within their
+/// deadline, with what is left of their spending caps.
 async fn pairs(tx: &mut Transaction<'_, Postgres>) -> Result<Vec<Pair>, StoreError> {
     Ok(sqlx::query_as(
         "WITH RECURSIVE p AS (
@@ -240,8 +243,12 @@ async fn pairs(tx: &mut Transaction<'_, Postgres>) -> Result<Vec<Pair>, StoreErr
                   WHERE (b.model, b.batch_id) > (p.model, p.batch_id)
                   ORDER BY b.model, b.batch_id LIMIT 1) n)
          SELECT p.model, p.batch_id, coalesce(bt.priority, 1::smallint) AS priority,
-                coalesce(bt.vpass, 0) AS vpass
-           FROM p LEFT JOIN sheepdog.batches bt ON bt.batch_id = p.batch_id",
+                coalesce(bt.vpass, 0) AS vpass,
+                bt.max_cost_usd - coalesce(cap.spent, 0) - coalesce(cap.reserved, 0) AS cap_left
+           FROM p
+           LEFT JOIN sheepdog.batches bt ON bt.batch_id = p.batch_id
+           LEFT JOIN sheepdog.budget cap ON cap.scope = 'batch:' || p.batch_id AND cap.period_key = 'total'
+          WHERE coalesce(bt.control, 'active') = 'active' AND (bt.expires_at IS NULL OR bt.expires_at > now())",
     )
     .fetch_all(&mut **tx)
     .await?)
@@ -328,7 +335,7 @@ async fn candidates(
     Ok(rows
         .into_iter()
         .filter_map(|r| {
-            let pair = by_pair.get(&(r.2.as_str(), r.0.as_str()))?;
+            let pair = *by_pair.get(&(r.2.as_str(), r.0.as_str()))?;
             let i = rank.entry((r.2.clone(), r.0.clone())).or_insert(0);
             let vtime = pair.vpass.max(vclock) + *i;
             *i += 1;
@@ -340,7 +347,7 @@ async fn candidates(
                 model: r.2,
                 tokens: r.3.unwrap_or(0),
                 cost: r.4.unwrap_or_default(),
-                batch_cap_left: None,
+                batch_cap_left: pair.cap_left,
             })
         })
         .collect())

@@ -59,38 +59,59 @@ pub async fn admit(pool: &PgPool, items: Vec<Admission>) -> Result<Vec<Admitted>
         tokens.push(a.reserve_tokens);
         costs.push(a.reserve_cost_usd);
     }
-    let new: Vec<(String, String)> = sqlx::query_as(
+    let new: Vec<(String, String)> = sqlx::query_as(&format!(
         r#"
         WITH input AS (
             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::bytea[], $6::bigint[],
                                  $7::numeric[]) WITH ORDINALITY
                 AS t(batch_id, custom_id, model, metadata, message, tokens, cost, ord)
+        ), ctl AS (
+            -- A job of a batch that is cancelled, or past its deadline, ends as it arrives.
+            SELECT i.batch_id, coalesce(sheepdog.batch_end(b.control, b.expires_at), 'queued') AS status
+              FROM (SELECT DISTINCT batch_id FROM input) i
+              LEFT JOIN sheepdog.batches b ON b.batch_id = i.batch_id
         ), ins AS (
             INSERT INTO sheepdog.jobs AS j
-                (batch_id, custom_id, status, model, metadata, message, reserve_tokens, reserve_cost_usd, seq)
-            SELECT batch_id, custom_id, 'queued', model, metadata, message, tokens, cost,
-                   nextval('sheepdog.backlog_seq')
-              FROM input ORDER BY ord
+                (batch_id, custom_id, status, model, metadata, message, reserve_tokens, reserve_cost_usd, seq,
+                 error, finished_at)
+            SELECT i.batch_id, i.custom_id, c.status, i.model, i.metadata,
+                   CASE WHEN c.status = 'queued' THEN i.message END, i.tokens, i.cost,
+                   nextval('sheepdog.backlog_seq'),
+                   sheepdog.batch_end_error(c.status),
+                   CASE WHEN c.status <> 'queued' THEN now() END
+              FROM input i JOIN ctl c ON c.batch_id = i.batch_id
+             ORDER BY i.ord
             ON CONFLICT (batch_id, custom_id) DO UPDATE
                SET model = EXCLUDED.model,
                    metadata = coalesce(EXCLUDED.metadata, j.metadata),
                    message = EXCLUDED.message,
                    reserve_tokens = EXCLUDED.reserve_tokens,
                    reserve_cost_usd = EXCLUDED.reserve_cost_usd,
-                   seq = EXCLUDED.seq
+                   seq = EXCLUDED.seq,
+                   status = EXCLUDED.status,
+                   error = EXCLUDED.error,
+                   finished_at = EXCLUDED.finished_at
              WHERE j.status = 'queued' AND j.message IS NULL AND j.owner IS NULL
-            RETURNING j.batch_id, j.custom_id, j.model, j.seq
+            RETURNING j.*
         ), bat AS (
             INSERT INTO sheepdog.batches (batch_id)
             SELECT DISTINCT batch_id FROM ins
             ON CONFLICT (batch_id) DO NOTHING
         ), back AS (
             INSERT INTO sheepdog.backlog (batch_id, custom_id, model, seq)
-            SELECT batch_id, custom_id, model, seq FROM ins
+            SELECT batch_id, custom_id, model, seq FROM ins WHERE status = 'queued'
+        ), counted AS (
+            INSERT INTO sheepdog.batch_progress (batch_id, admitted, cancelled, expired)
+            SELECT batch_id, count(*), count(*) FILTER (WHERE status = 'cancelled'),
+                   count(*) FILTER (WHERE status = 'expired')
+              FROM ins GROUP BY batch_id
+        ), events AS (
+            {FINISHED_EVENTS} FROM ins j WHERE j.status <> 'queued'
         )
         SELECT batch_id, custom_id FROM ins
         "#,
-    )
+        FINISHED_EVENTS = super::batches::FINISHED_EVENTS
+    ))
     .bind(&batch_ids)
     .bind(&custom_ids)
     .bind(&models)
@@ -114,7 +135,8 @@ pub async fn admit(pool: &PgPool, items: Vec<Admission>) -> Result<Vec<Admitted>
 }
 
 /// Fails a job that never got to call the upstream (a refused message, a model without a
-/// price). A job that ended, or is running, is left alone. Returns whether it was failed.
+/// price). A job that is stored already (waiting, running or ended) is left alone. Returns
+/// whether it was failed.
 pub async fn fail_without_call(
     pool: &PgPool,
     id: &JobId,
@@ -122,7 +144,7 @@ pub async fn fail_without_call(
     metadata: Option<&Value>,
     error: &Value,
 ) -> Result<bool, StoreError> {
-    let r = sqlx::query(
+    let failed: bool = sqlx::query_scalar(&format!(
         r#"
         WITH failed AS (
             INSERT INTO sheepdog.jobs AS j (batch_id, custom_id, status, model, metadata, error, finished_at)
@@ -131,27 +153,30 @@ pub async fn fail_without_call(
                SET status = 'failed', error = EXCLUDED.error, finished_at = now(), message = NULL,
                    model = coalesce(EXCLUDED.model, j.model),
                    metadata = coalesce(EXCLUDED.metadata, j.metadata)
-             WHERE j.status = 'queued' AND j.owner IS NULL
-            RETURNING j.batch_id, j.custom_id
+             -- Only a job not stored yet: a bad copy never undoes a good one already waiting.
+             WHERE j.status = 'queued' AND j.owner IS NULL AND j.message IS NULL
+            RETURNING j.*
+        ), gone AS (
+            DELETE FROM sheepdog.backlog b USING failed f
+             WHERE b.batch_id = f.batch_id AND b.custom_id = f.custom_id
+        ), bat AS (
+            INSERT INTO sheepdog.batches (batch_id) SELECT batch_id FROM failed ON CONFLICT DO NOTHING
+        ), counted AS (
+            -- A job refused as it arrives is known to its batch from now on.
+            INSERT INTO sheepdog.batch_progress (batch_id, admitted, failed, finished_at)
+            SELECT batch_id, 1, 1, now() FROM failed
+        ), events AS (
+            {FINISHED_EVENTS} FROM failed j
         )
-        DELETE FROM sheepdog.backlog b USING failed f
-         WHERE b.batch_id = f.batch_id AND b.custom_id = f.custom_id
+        SELECT EXISTS (SELECT 1 FROM failed)
         "#,
-    )
+        FINISHED_EVENTS = super::batches::FINISHED_EVENTS
+    ))
     .bind(&id.batch_id)
     .bind(&id.custom_id)
     .bind(model)
     .bind(metadata.map(Json))
     .bind(Json(error))
-    .execute(pool)
-    .await;
-    // The DELETE's count is not the INSERT's; ask again whether the job is now failed.
-    r?;
-    let failed: bool = sqlx::query_scalar(
-        "SELECT coalesce((SELECT status = 'failed' FROM sheepdog.jobs WHERE batch_id = $1 AND custom_id = $2), false)",
-    )
-    .bind(&id.batch_id)
-    .bind(&id.custom_id)
     .fetch_one(pool)
     .await?;
     Ok(failed)
@@ -161,16 +186,24 @@ pub async fn fail_without_call(
 /// attempts and cost so far stay, since those calls happened. Its message is stored again when
 /// the replayed message arrives.
 pub async fn reopen_failed(pool: &PgPool, id: &JobId) -> Result<bool, StoreError> {
-    let r = sqlx::query(
-        "UPDATE sheepdog.jobs SET status = 'queued', error = NULL, response = NULL, finished_at = NULL,
-                status_code = NULL, owner = NULL, message = NULL
-          WHERE batch_id = $1 AND custom_id = $2 AND status = 'failed'",
+    let reopened: bool = sqlx::query_scalar(
+        "WITH reopened AS (
+             UPDATE sheepdog.jobs SET status = 'queued', error = NULL, response = NULL, finished_at = NULL,
+                    status_code = NULL, owner = NULL, message = NULL
+              WHERE batch_id = $1 AND custom_id = $2 AND status = 'failed'
+             RETURNING batch_id
+         ), counted AS (
+             -- Its message arrives again: it is counted as admitted then.
+             INSERT INTO sheepdog.batch_progress (batch_id, failed, admitted)
+             SELECT batch_id, -1, -1 FROM reopened
+         )
+         SELECT EXISTS (SELECT 1 FROM reopened)",
     )
     .bind(&id.batch_id)
     .bind(&id.custom_id)
-    .execute(pool)
+    .fetch_one(pool)
     .await?;
-    Ok(r.rows_affected() > 0)
+    Ok(reopened)
 }
 
 /// Registers jobs an `enqueue` run is about to publish: rows in `queued` (a job already known

@@ -78,7 +78,7 @@ pub struct TakenOver {
     pub replicas: Vec<String>,
     /// Jobs back in the backlog.
     pub requeued: i64,
-    /// Jobs failed because they had used all their attempts.
+    /// Jobs that ended instead: out of attempts, or their batch cancelled or expired.
     pub failed: i64,
     /// `pending` calls turned `unknown`.
     pub unknown_calls: i64,
@@ -134,7 +134,7 @@ async fn release_jobs(
     ids: &[i64],
     max_attempts: u32,
 ) -> Result<TakenOver, StoreError> {
-    let (requeued, failed, unknown): Counts = sqlx::query_as(
+    let (requeued, failed, unknown): Counts = sqlx::query_as(&format!(
         r#"
         WITH stale AS (
             UPDATE sheepdog.calls c
@@ -153,20 +153,29 @@ async fn release_jobs(
         ), before AS (
             SELECT j.batch_id, j.custom_id, j.message FROM sheepdog.jobs j
              WHERE j.owner = ANY($1) AND j.status = 'running'
+        ), fate AS (
+            -- Out of attempts: failed. A batch cancelled or past its deadline: so ends its job.
+            SELECT before.*, coalesce(sheepdog.batch_end(bt.control, bt.expires_at),
+                                      CASE WHEN j.attempts >= $2 THEN 'failed' ELSE 'queued' END) AS status
+              FROM before
+              JOIN sheepdog.jobs j ON j.batch_id = before.batch_id AND j.custom_id = before.custom_id
+              LEFT JOIN sheepdog.batches bt ON bt.batch_id = before.batch_id
         ), job AS (
             UPDATE sheepdog.jobs j SET
-                status = CASE WHEN j.attempts >= $2 THEN 'failed' ELSE 'queued' END,
+                status = f.status,
                 owner = NULL,
                 cost_usd = j.cost_usd + coalesce(cost.c, 0),
-                error = CASE WHEN j.attempts >= $2
-                             THEN jsonb_build_object('code', 'attempts_exhausted', 'message',
-                                  format('gave up after %s attempts; last: its worker stopped mid-call', j.attempts))
-                             ELSE j.error END,
-                finished_at = CASE WHEN j.attempts >= $2 THEN now() ELSE NULL END,
-                message = CASE WHEN j.attempts >= $2 THEN NULL ELSE j.message END
-              FROM before LEFT JOIN cost ON cost.batch_id = before.batch_id AND cost.custom_id = before.custom_id
-             WHERE j.batch_id = before.batch_id AND j.custom_id = before.custom_id
-            RETURNING j.batch_id, j.custom_id, j.model, j.status, j.attempts, j.seq
+                error = CASE f.status
+                    WHEN 'failed' THEN jsonb_build_object('code', 'attempts_exhausted', 'message',
+                         format('gave up after %s attempts; last: its worker stopped mid-call', j.attempts))
+                    WHEN 'cancelled' THEN sheepdog.batch_end_error(f.status)
+                    WHEN 'expired' THEN sheepdog.batch_end_error(f.status)
+                    ELSE j.error END,
+                finished_at = CASE WHEN f.status = 'queued' THEN NULL ELSE now() END,
+                message = CASE WHEN f.status = 'queued' THEN j.message ELSE NULL END
+              FROM fate f LEFT JOIN cost ON cost.batch_id = f.batch_id AND cost.custom_id = f.custom_id
+             WHERE j.batch_id = f.batch_id AND j.custom_id = f.custom_id
+            RETURNING j.*
         ), back AS (
             -- Taken over, a job keeps its place in line: it goes before those that came later.
             INSERT INTO sheepdog.backlog (batch_id, custom_id, model, seq)
@@ -181,14 +190,27 @@ async fn release_jobs(
                    before.message
               FROM job JOIN before ON before.batch_id = job.batch_id AND before.custom_id = job.custom_id
              WHERE job.status = 'failed' AND before.message IS NOT NULL
+        ), counted AS (
+            INSERT INTO sheepdog.batch_progress (batch_id, failed, cancelled, expired, calls, cost_usd, finished_at)
+            SELECT batch_id, sum(bad), sum(canc), sum(exp), sum(calls), sum(cost), max(fin)
+              FROM (SELECT batch_id, 0 AS bad, 0 AS canc, 0 AS exp, 1 AS calls, reserved_cost_usd AS cost,
+                           NULL::timestamptz AS fin FROM stale
+                    UNION ALL
+                    SELECT batch_id, (status = 'failed')::int, (status = 'cancelled')::int,
+                           (status = 'expired')::int, 0, 0, finished_at
+                      FROM job WHERE status <> 'queued') x
+             GROUP BY batch_id
+        ), events AS (
+            {FINISHED_EVENTS} FROM job j WHERE j.status <> 'queued'
         ), gone AS (
             DELETE FROM sheepdog.replicas WHERE id = ANY($1)
         )
         SELECT (SELECT count(*) FROM job WHERE status = 'queued'),
-               (SELECT count(*) FROM job WHERE status = 'failed'),
+               (SELECT count(*) FROM job WHERE status <> 'queued'),
                (SELECT count(*) FROM stale)
         "#,
-    )
+        FINISHED_EVENTS = super::batches::FINISHED_EVENTS
+    ))
     .bind(ids)
     .bind(max_attempts as i32)
     .fetch_one(&mut **tx)

@@ -9,14 +9,18 @@ use sqlx::{PgPool, Postgres, Transaction};
 use super::StoreError;
 
 /// One message to publish.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct OutboxMessage {
     pub id: i64,
     pub exchange: String,
     pub routing_key: String,
     pub headers: sqlx::types::Json<Value>,
-    pub body: Vec<u8>,
+    /// `None` for the event of a job that no longer exists: nothing to publish.
+    pub body: Option<Vec<u8>>,
 }
+
+/// An outbox row: id, exchange, routing key, headers, body, and the job of a `job.finished` event.
+type Row = (i64, String, String, sqlx::types::Json<Value>, Vec<u8>, Option<String>);
 
 /// Rows taken for publishing; `done` deletes them and commits.
 pub struct Taken {
@@ -26,23 +30,65 @@ pub struct Taken {
 
 /// Takes up to `limit` messages, oldest first, that no other replica is publishing.
 pub async fn take(pool: &PgPool, limit: i64) -> Result<Option<Taken>, StoreError> {
-    let waiting: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sheepdog.outbox)")
-        .fetch_one(pool)
+    // A look along the primary key first, so an empty outbox costs no transaction. (Not
+    // `EXISTS`: that scans the table, dead rows of published messages included.)
+    let first: Option<i64> = sqlx::query_scalar("SELECT id FROM sheepdog.outbox ORDER BY id LIMIT 1")
+        .fetch_optional(pool)
         .await?;
-    if !waiting {
+    if first.is_none() {
         return Ok(None);
     }
     let mut tx = pool.begin().await?;
-    let messages: Vec<OutboxMessage> = sqlx::query_as(
-        "SELECT id, exchange, routing_key, headers, body FROM sheepdog.outbox
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT id, exchange, routing_key, headers, body, job_custom_id FROM sheepdog.outbox
           ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
     .bind(limit)
     .fetch_all(&mut *tx)
     .await?;
-    if messages.is_empty() {
+    if rows.is_empty() {
         return Ok(None);
     }
+    // The bodies of `job.finished` events, built from their jobs as they are now (ended).
+    let (batches, customs): (Vec<&str>, Vec<&str>) = rows
+        .iter()
+        .filter_map(|r| r.5.as_deref().map(|c| (r.2.as_str(), c)))
+        .unzip();
+    let mut events = std::collections::HashMap::new();
+    if !customs.is_empty() {
+        static JOBS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            format!(
+                "SELECT {} FROM unnest($1::text[], $2::text[]) AS e(batch_id, custom_id)
+                   JOIN sheepdog.jobs j ON j.batch_id = e.batch_id AND j.custom_id = e.custom_id",
+                super::report::ENDED_JOB
+            )
+        });
+        let jobs: Vec<super::report::EndedJob> = sqlx::query_as(JOBS.as_str())
+            .bind(&batches)
+            .bind(&customs)
+            .fetch_all(&mut *tx)
+            .await?;
+        for j in jobs {
+            let body = j.finished_event();
+            events.insert((j.batch_id, j.custom_id), body);
+        }
+    }
+    let messages = rows
+        .into_iter()
+        .map(|(id, exchange, routing_key, headers, body, job)| {
+            let body = match job {
+                None => Some(body),
+                Some(custom_id) => events.remove(&(routing_key.clone(), custom_id)),
+            };
+            OutboxMessage {
+                id,
+                exchange,
+                routing_key,
+                headers,
+                body,
+            }
+        })
+        .collect();
     Ok(Some(Taken { tx, messages }))
 }
 

@@ -4,18 +4,23 @@ use chrono::{DateTime, Utc};
 use futures::Stream;
 use rust_decimal::Decimal;
 use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 use sqlx::PgPool;
 
-/// Where a batch stands.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+/// Where a batch stands: its figures (as `batch show` and `sheepdog.batch_summary` have them)
+/// and its latency percentiles.
+#[derive(Debug, Clone, Serialize)]
 pub struct BatchStatus {
     pub batch_id: String,
+    pub status: String,
     pub total: i64,
     pub queued: i64,
     pub running: i64,
     pub succeeded: i64,
     pub failed: i64,
+    pub cancelled: i64,
+    pub expired: i64,
     pub pending: i64,
     pub attempts: i64,
     pub prompt_tokens: i64,
@@ -29,53 +34,79 @@ pub struct BatchStatus {
 }
 
 impl BatchStatus {
+    /// Every job known for the batch has ended, and none of its calls is in flight.
     pub fn done(&self) -> bool {
-        self.total > 0 && self.pending == 0
+        self.total > 0 && self.pending == 0 && self.running == 0
     }
 }
 
-pub async fn batch_status(pool: &PgPool, batch_id: &str) -> sqlx::Result<BatchStatus> {
-    sqlx::query_as(
-        r#"
-        WITH j AS (
-            SELECT count(*) AS jobs,
-                   count(*) FILTER (WHERE status = 'queued') AS queued,
-                   count(*) FILTER (WHERE status = 'running') AS running,
-                   count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
-                   count(*) FILTER (WHERE status = 'failed') AS failed,
-                   coalesce(sum(attempts), 0)::bigint AS attempts,
-                   coalesce(sum(prompt_tokens), 0)::bigint AS prompt_tokens,
-                   coalesce(sum(completion_tokens), 0)::bigint AS completion_tokens,
-                   coalesce(sum(cost_usd), 0) AS cost_usd,
-                   percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) FILTER (WHERE status = 'succeeded') AS p50,
-                   percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms) FILTER (WHERE status = 'succeeded') AS p95,
-                   percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms) FILTER (WHERE status = 'succeeded') AS p99,
-                   min(created_at) AS first_at,
-                   max(finished_at) AS last_at
-              FROM sheepdog.jobs WHERE batch_id = $1
-        ), b AS (SELECT coalesce((SELECT size FROM sheepdog.batches WHERE batch_id = $1), 0) AS size)
-        SELECT $1 AS batch_id,
-               greatest(b.size, j.jobs) AS total,
-               j.queued + greatest(b.size - j.jobs, 0) AS queued,
-               j.running, j.succeeded, j.failed,
-               greatest(b.size, j.jobs) - j.succeeded - j.failed AS pending,
-               j.attempts, j.prompt_tokens, j.completion_tokens, j.cost_usd,
-               j.p50 AS p50_latency_ms, j.p95 AS p95_latency_ms, j.p99 AS p99_latency_ms,
-               j.first_at, j.last_at
-          FROM j, b
-        "#,
+type Latencies = (Option<f64>, Option<f64>, Option<f64>, Option<DateTime<Utc>>);
+
+pub async fn batch_status(pool: &PgPool, batch_id: &str) -> Result<BatchStatus, super::StoreError> {
+    let o = super::batches::show(pool, batch_id).await?;
+    let (p50, p95, p99, last_at): Latencies = sqlx::query_as(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) FILTER (WHERE status = 'succeeded'),
+                percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms) FILTER (WHERE status = 'succeeded'),
+                percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms) FILTER (WHERE status = 'succeeded'),
+                max(finished_at)
+           FROM sheepdog.jobs WHERE batch_id = $1",
     )
     .bind(batch_id)
     .fetch_one(pool)
-    .await
+    .await?;
+    let Some(o) = o else {
+        return Ok(BatchStatus {
+            batch_id: batch_id.to_string(),
+            status: "unknown".into(),
+            total: 0,
+            queued: 0,
+            running: 0,
+            succeeded: 0,
+            failed: 0,
+            cancelled: 0,
+            expired: 0,
+            pending: 0,
+            attempts: 0,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cost_usd: Decimal::ZERO,
+            p50_latency_ms: None,
+            p95_latency_ms: None,
+            p99_latency_ms: None,
+            first_at: None,
+            last_at: None,
+        });
+    };
+    let c = &o.request_counts;
+    let pending = c.total - c.completed - c.failed - o.cancelled - o.expired;
+    Ok(BatchStatus {
+        batch_id: o.id.clone(),
+        status: o.status.clone(),
+        total: c.total,
+        queued: (pending - o.in_flight).max(0),
+        running: o.in_flight,
+        succeeded: c.completed,
+        failed: c.failed,
+        cancelled: o.cancelled,
+        expired: o.expired,
+        pending,
+        attempts: o.calls,
+        prompt_tokens: o.prompt_tokens,
+        completion_tokens: o.completion_tokens,
+        cost_usd: o.cost_usd,
+        p50_latency_ms: p50,
+        p95_latency_ms: p95,
+        p99_latency_ms: p99,
+        first_at: chrono::DateTime::from_timestamp(o.created_at, 0),
+        last_at,
+    })
 }
 
-/// How many jobs of a batch have ended (succeeded or failed).
-pub async fn ended_jobs(pool: &PgPool, batch_id: &str) -> sqlx::Result<i64> {
-    sqlx::query_scalar("SELECT count(*) FROM sheepdog.jobs WHERE batch_id = $1 AND status IN ('succeeded', 'failed')")
-        .bind(batch_id)
-        .fetch_one(pool)
-        .await
+/// How many jobs of a batch have ended.
+pub async fn ended_jobs(pool: &PgPool, batch_id: &str) -> Result<i64, super::StoreError> {
+    Ok(super::batches::show(pool, batch_id).await?.map_or(0, |o| {
+        o.request_counts.completed + o.request_counts.failed + o.cancelled + o.expired
+    }))
 }
 
 /// Cost and tokens of a batch's calls by model, from the ledger.
@@ -115,27 +146,92 @@ pub async fn failure_reasons(pool: &PgPool, batch_id: &str, limit: i64) -> sqlx:
     .await
 }
 
-/// One finished job, as the export needs it.
+/// The columns of `sheepdog.jobs j` an [`EndedJob`] is read from.
+pub(super) const ENDED_JOB: &str = "'batch_req_' || md5(j.batch_id || chr(31) || j.custom_id) AS line_id,
+     j.batch_id, j.custom_id, j.status, j.status_code, j.upstream_request_id, j.response, j.error";
+
+/// An ended job, as its OpenAI Batch output line (contract §2, `export`) and its `job.finished`
+/// event (§8) are made from it. Export and the results stream both build here, so they match.
 #[derive(Debug, Clone, sqlx::FromRow)]
-pub struct ExportRow {
+pub struct EndedJob {
+    /// `batch_req_` and the md5 of the batch and custom ids: stable across exports.
+    pub line_id: String,
+    pub batch_id: String,
     pub custom_id: String,
     pub status: super::JobStatus,
     pub status_code: Option<i32>,
     pub upstream_request_id: Option<String>,
-    pub response: Option<sqlx::types::Json<Value>>,
+    /// The upstream body, as stored (not parsed again).
+    pub response: Option<sqlx::types::Json<Box<RawValue>>>,
     pub error: Option<sqlx::types::Json<Value>>,
 }
 
-/// Finished jobs of a batch, streamed in `custom_id` order.
-pub fn export_rows<'a>(pool: &'a PgPool, batch_id: &'a str) -> impl Stream<Item = sqlx::Result<ExportRow>> + 'a {
-    sqlx::query_as(
-        r#"SELECT custom_id, status, status_code, upstream_request_id, response, error
-             FROM sheepdog.jobs
-            WHERE batch_id = $1 AND status IN ('succeeded', 'failed')
-            ORDER BY custom_id"#,
-    )
-    .bind(batch_id)
-    .fetch(pool)
+#[derive(Serialize)]
+struct Line<'a> {
+    id: &'a str,
+    custom_id: &'a str,
+    response: Option<LineResponse<'a>>,
+    error: Option<std::borrow::Cow<'a, Value>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    batch_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct LineResponse<'a> {
+    status_code: i32,
+    request_id: Option<&'a str>,
+    body: &'a RawValue,
+}
+
+impl EndedJob {
+    fn line(&self, event: bool) -> Line<'_> {
+        let error = match (&self.status, &self.error) {
+            (super::JobStatus::Succeeded, _) => None,
+            (_, Some(e)) => Some(std::borrow::Cow::Borrowed(&e.0)),
+            (_, None) => Some(std::borrow::Cow::Owned(
+                serde_json::json!({"code": "failed", "message": "the job failed"}),
+            )),
+        };
+        Line {
+            id: &self.line_id,
+            custom_id: &self.custom_id,
+            response: match (&self.response, self.status_code) {
+                (Some(body), Some(status_code)) => Some(LineResponse {
+                    status_code,
+                    request_id: self.upstream_request_id.as_deref(),
+                    body: &body.0,
+                }),
+                _ => None,
+            },
+            error,
+            batch_id: event.then_some(self.batch_id.as_str()),
+            status: event.then_some(self.status.as_str()),
+        }
+    }
+
+    /// Writes its OpenAI Batch output line (no newline).
+    pub fn write_line(&self, w: impl std::io::Write) -> serde_json::Result<()> {
+        serde_json::to_writer(w, &self.line(false))
+    }
+
+    /// Its `job.finished` event: the export line plus `batch_id` and `status`.
+    pub fn finished_event(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.line(true)).unwrap_or_default()
+    }
+}
+
+/// Ended jobs of a batch, streamed in `custom_id` order.
+pub fn export_rows<'a>(pool: &'a PgPool, batch_id: &'a str) -> impl Stream<Item = sqlx::Result<EndedJob>> + 'a {
+    static QUERY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "SELECT {ENDED_JOB} FROM sheepdog.jobs j
+              WHERE j.batch_id = $1 AND j.status IN ('succeeded', 'failed', 'cancelled', 'expired')
+              ORDER BY j.custom_id"
+        )
+    });
+    sqlx::query_as(QUERY.as_str()).bind(batch_id).fetch(pool)
 }
 
 /// One row of `sheepdog report`: cost and tokens of a day, model and batch.

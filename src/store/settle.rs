@@ -129,7 +129,7 @@ pub async fn settle(pool: &PgPool, items: Vec<Settlement>) -> Result<Vec<()>, St
         retry_ms.push(after);
         dead.push(dead_reason);
     }
-    sqlx::query(
+    sqlx::query(&format!(
         r#"
         WITH s AS (
             SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[],
@@ -173,24 +173,35 @@ pub async fn settle(pool: &PgPool, items: Vec<Settlement>) -> Result<Vec<()>, St
         ), before AS (
             SELECT j.batch_id, j.custom_id, j.message
               FROM sheepdog.jobs j JOIN s ON j.batch_id = s.batch_id AND j.custom_id = s.custom_id
+        ), v AS (
+            -- A job that would wait again ends instead when its batch was cancelled meanwhile,
+            -- or its completion window is over.
+            SELECT u.*,
+                   CASE WHEN u.fate <> 'queued' THEN u.fate
+                        ELSE coalesce(sheepdog.batch_end(bt.control, bt.expires_at), 'queued') END AS status
+              FROM u LEFT JOIN sheepdog.batches bt ON bt.batch_id = u.batch_id
         ), job AS (
             UPDATE sheepdog.jobs j SET
-                prompt_tokens = j.prompt_tokens + CASE WHEN u.fresh THEN coalesce(u.prompt_tokens, 0) ELSE 0 END,
-                completion_tokens = j.completion_tokens + CASE WHEN u.fresh THEN coalesce(u.completion_tokens, 0) ELSE 0 END,
-                cost_usd = j.cost_usd + CASE WHEN u.fresh THEN u.cost_usd ELSE 0 END,
-                status = u.fate,
+                prompt_tokens = j.prompt_tokens + CASE WHEN v.fresh THEN coalesce(v.prompt_tokens, 0) ELSE 0 END,
+                completion_tokens = j.completion_tokens + CASE WHEN v.fresh THEN coalesce(v.completion_tokens, 0) ELSE 0 END,
+                cost_usd = j.cost_usd + CASE WHEN v.fresh THEN v.cost_usd ELSE 0 END,
+                status = v.status,
                 owner = NULL,
-                latency_ms = CASE WHEN u.fate = 'queued' THEN j.latency_ms ELSE u.latency_ms END,
-                status_code = CASE WHEN u.fate = 'queued' THEN j.status_code ELSE u.status_code END,
-                upstream_request_id = CASE WHEN u.fate = 'queued' THEN j.upstream_request_id ELSE u.request_id END,
-                response = CASE WHEN u.fate = 'queued' THEN j.response ELSE u.response END,
-                error = CASE WHEN u.fate = 'queued' THEN j.error ELSE u.job_error END,
-                finished_at = CASE WHEN u.fate = 'queued' THEN NULL ELSE now() END,
-                message = CASE WHEN u.fate = 'queued' THEN j.message ELSE NULL END
-              FROM u
-             WHERE j.batch_id = u.batch_id AND j.custom_id = u.custom_id
-               AND j.status = 'running' AND j.owner = u.replica
-            RETURNING j.batch_id, j.custom_id, j.model, j.status, j.seq, u.retry_ms, u.dead_reason
+                latency_ms = CASE WHEN v.fate = 'queued' THEN j.latency_ms ELSE v.latency_ms END,
+                status_code = CASE WHEN v.fate = 'queued' THEN NULL ELSE v.status_code END,
+                upstream_request_id = CASE WHEN v.fate = 'queued' THEN NULL ELSE v.request_id END,
+                response = CASE WHEN v.fate = 'queued' THEN NULL ELSE v.response END,
+                error = CASE v.status
+                    WHEN 'queued' THEN j.error
+                    WHEN 'cancelled' THEN sheepdog.batch_end_error(v.status)
+                    WHEN 'expired' THEN sheepdog.batch_end_error(v.status)
+                    ELSE v.job_error END,
+                finished_at = CASE WHEN v.status = 'queued' THEN NULL ELSE now() END,
+                message = CASE WHEN v.status = 'queued' THEN j.message ELSE NULL END
+              FROM v
+             WHERE j.batch_id = v.batch_id AND j.custom_id = v.custom_id
+               AND j.status = 'running' AND j.owner = v.replica
+            RETURNING j.*, v.retry_ms, v.dead_reason
         ), back AS (
             -- A retry keeps its place in line; only its time is later.
             INSERT INTO sheepdog.backlog (batch_id, custom_id, model, seq, run_at)
@@ -199,13 +210,32 @@ pub async fn settle(pool: &PgPool, items: Vec<Settlement>) -> Result<Vec<()>, St
               FROM job
              WHERE job.status = 'queued'
             ON CONFLICT (batch_id, custom_id) DO NOTHING
+        ), counted AS (
+            -- The batch's figures: calls, tokens and cost of every call recorded now; jobs that ended.
+            INSERT INTO sheepdog.batch_progress
+                (batch_id, succeeded, failed, cancelled, expired, calls, prompt_tokens, completion_tokens,
+                 cost_usd, finished_at)
+            SELECT batch_id, sum(ok), sum(bad), sum(canc), sum(exp), sum(calls), sum(pt), sum(ct), sum(cost),
+                   max(fin)
+              FROM (SELECT batch_id, 0 AS ok, 0 AS bad, 0 AS canc, 0 AS exp, 1 AS calls,
+                           coalesce(prompt_tokens, 0) AS pt, coalesce(completion_tokens, 0) AS ct,
+                           cost_usd AS cost, NULL::timestamptz AS fin
+                      FROM u WHERE fresh
+                    UNION ALL
+                    SELECT batch_id, (status = 'succeeded')::int, (status = 'failed')::int,
+                           (status = 'cancelled')::int, (status = 'expired')::int, 0, 0, 0, 0, finished_at
+                      FROM job WHERE status <> 'queued') x
+             GROUP BY batch_id
+        ), events AS (
+            {FINISHED_EVENTS} FROM job j WHERE j.status <> 'queued'
         )
         INSERT INTO sheepdog.outbox (routing_key, headers, body)
         SELECT 'sheepdog.dead', jsonb_build_object('x-sheepdog-error', job.dead_reason), before.message
           FROM job JOIN before ON before.batch_id = job.batch_id AND before.custom_id = job.custom_id
          WHERE job.dead_reason IS NOT NULL AND before.message IS NOT NULL
         "#,
-    )
+        FINISHED_EVENTS = super::batches::FINISHED_EVENTS
+    ))
     .bind(&call_ids)
     .bind(&batch_ids)
     .bind(&custom_ids)

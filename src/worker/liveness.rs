@@ -61,6 +61,7 @@ pub async fn run(w: Arc<Worker>, stop: CancellationToken) {
             Ok(_) => {}
             Err(e) => tracing::debug!(error = %e, "takeover check failed"),
         }
+        upkeep(&w).await;
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep(BEAT) => {}
@@ -68,5 +69,23 @@ pub async fn run(w: Arc<Worker>, stop: CancellationToken) {
     }
     if let Some(l) = line {
         l.close().await;
+    }
+}
+
+/// Every second: end what is left of batches past their deadline, and fold batches' figures
+/// (announcing the batches that ended). One replica at a time folds; any may expire.
+async fn upkeep(w: &Worker) {
+    match crate::store::batches::expire_due(&w.pool).await {
+        Ok(n) if n > 0 => tracing::info!(jobs = n, "completion windows over: jobs expired"),
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %e, "expiry check failed"),
+    }
+    match crate::store::batches::fold_progress(&w.pool).await {
+        Ok(ended) => {
+            for b in ended {
+                tracing::info!(batch_id = %b, "batch finished");
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "folding batch figures failed"),
     }
 }

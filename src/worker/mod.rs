@@ -185,8 +185,8 @@ impl Worker {
             if let Ok(n) = crate::store::report::backlog_depth(&self.pool).await {
                 self.metrics.backlog.store(n, std::sync::atomic::Ordering::Relaxed);
             }
-            if let Ok(left) = crate::limits::budget_left(&self.pool).await {
-                *self.metrics.budget_left_usd.lock().unwrap() = left;
+            if let Ok(scopes) = crate::limits::usage(&self.pool).await {
+                self.metrics.set_scopes(scopes);
             }
             tokio::select! {
                 _ = stop.cancelled() => return,

@@ -13,19 +13,20 @@ pub async fn run(w: Arc<Worker>, ch: Channel, stop: CancellationToken) {
     loop {
         let published = match crate::store::outbox::take(&w.pool, 200).await {
             Ok(Some(taken)) => {
-                let mut ok = Vec::with_capacity(taken.messages.len());
-                let outgoing: Vec<crate::amqp::Outgoing> = taken
-                    .messages
+                // The event of a job that no longer exists has nothing to say: it is cleared.
+                let (sendable, gone): (Vec<_>, Vec<_>) = taken.messages.iter().partition(|m| m.body.is_some());
+                let mut ok: Vec<i64> = gone.iter().map(|m| m.id).collect();
+                let outgoing: Vec<crate::amqp::Outgoing> = sendable
                     .iter()
                     .map(|m| crate::amqp::Outgoing {
                         exchange: &m.exchange,
                         routing_key: &m.routing_key,
                         headers: &m.headers.0,
-                        body: &m.body,
+                        body: m.body.as_deref().unwrap_or_default(),
                     })
                     .collect();
                 let results = crate::amqp::publish_all(&ch, &outgoing).await;
-                for (m, r) in taken.messages.iter().zip(results) {
+                for (m, r) in sendable.iter().zip(results) {
                     match r {
                         Ok(()) => ok.push(m.id),
                         Err(e) => {

@@ -191,7 +191,8 @@ impl TestEnv {
         let path = std::env::temp_dir().join(format!("{}-{batch}.jsonl", self.name));
         let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
         std::fs::write(&path, text).unwrap();
-        let r = sheepdog::commands::enqueue::enqueue_file(&self.pool, &self.amqp_url, &path, batch, 1 << 20, false)
+        let opts = sheepdog::commands::enqueue::EnqueueOptions::batch(batch);
+        let r = sheepdog::commands::enqueue::enqueue_file(&self.pool, &self.amqp_url, &path, &opts)
             .await
             .expect("enqueue");
         let _ = std::fs::remove_file(&path);
