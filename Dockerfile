@@ -31,18 +31,16 @@ RUN rm -rf target/release/.fingerprint/sheepdog-* \
  && install -m 0755 target/release/sheepdog /usr/local/bin/sheepdog \
  && /usr/local/bin/sheepdog --version
 
+# The image's whole root filesystem: the binary, the C runtime it links, the CA
+# certificates and the user entry (scripts/image-rootfs; tests/image.rs runs the
+# worker from the same tree under chroot, since no Docker engine runs in CI).
+COPY scripts/image-rootfs ./scripts/image-rootfs
+RUN scripts/image-rootfs /usr/local/bin/sheepdog /rootfs
+
 # ---------------------------------------------------------------- run
-FROM debian:bookworm-slim
-
-RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates \
- && rm -rf /var/lib/apt/lists/*
-
-RUN groupadd --system --gid 10001 sheepdog \
- && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
-            --shell /usr/sbin/nologin sheepdog
-
-COPY --from=builder /usr/local/bin/sheepdog /usr/local/bin/sheepdog
+# Empty but for that tree: no shell, no package manager.
+FROM scratch
+COPY --from=builder /rootfs/ /
 
 # Inside a container the default 127.0.0.1:9090 cannot be probed or scraped from
 # outside; listen on every interface instead (override with SHEEPDOG_METRICS_ADDR).
@@ -52,8 +50,8 @@ EXPOSE 9090
 # Numeric, so Kubernetes' runAsNonRoot can check it.
 USER 10001:10001
 
-# No HEALTHCHECK here: the slim image has no curl. docker-compose.yml probes
-# /healthz with bash's /dev/tcp; Kubernetes should use httpGet probes on
-# /healthz (liveness) and /readyz (readiness).
+# The binary checks itself: `sheepdog healthcheck` asks /healthz (`--ready`: /readyz).
+# Kubernetes should use httpGet probes on /healthz (liveness) and /readyz (readiness).
+HEALTHCHECK --interval=10s --timeout=6s --retries=3 CMD ["/usr/local/bin/sheepdog", "healthcheck"]
 ENTRYPOINT ["/usr/local/bin/sheepdog"]
 CMD ["worker"]

@@ -21,16 +21,67 @@ pub const ERROR_HEADER: &str = "x-sheepdog-error";
 /// Header counting how often `dead replay` sent a message back.
 pub const REPLAYS_HEADER: &str = "x-sheepdog-replays";
 
-/// Connects, naming the connection so operators can tell replicas apart.
+/// How long one broker of the list may take to accept a connection before the next is tried.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Connects, naming the connection so operators can tell replicas apart. `url` may list several
+/// brokers (the nodes of a cluster), comma-separated: they are tried in turn from a random one
+/// (so replicas spread over the nodes), and the first that answers is used. A caller that loses
+/// its connection calls this again, and so moves to a node that is still up.
 pub async fn connect(url: &SecretString, name: &str) -> anyhow::Result<Connection> {
-    let props = ConnectionProperties::default().with_connection_name(LongString::from(name.to_string()));
-    Connection::connect(url.expose_secret(), props).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot reach RabbitMQ at {}: {}. Is it running? `scripts/services` starts it (or set AMQP_URL).",
-            redact_url(url.expose_secret()),
-            scrub(&e.to_string(), url)
-        )
+    let urls = broker_urls(url.expose_secret());
+    if urls.is_empty() {
+        anyhow::bail!("AMQP_URL is empty: give one broker URL, or several separated by commas");
+    }
+    let tls = tls_config()?;
+    let first = rand::random_range(0..urls.len());
+    let mut failures = Vec::with_capacity(urls.len());
+    for i in 0..urls.len() {
+        let one = urls[(first + i) % urls.len()];
+        let props = ConnectionProperties::default().with_connection_name(LongString::from(name.to_string()));
+        let runtime = lapin::runtime::default_runtime()?;
+        let connecting = Connection::connect_with_config(one, props, tls.clone(), runtime);
+        let failure = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Ok(Ok(conn)) => {
+                if urls.len() > 1 {
+                    tracing::info!(broker = %redact_url(one), "connected to RabbitMQ");
+                }
+                return Ok(conn);
+            }
+            Ok(Err(e)) => scrub(&e.to_string(), url),
+            Err(_) => format!("no answer in {} s", CONNECT_TIMEOUT.as_secs()),
+        };
+        failures.push(format!("{} ({failure})", redact_url(one)));
+    }
+    Err(anyhow::anyhow!(
+        "cannot reach RabbitMQ at {}. Is it running? `scripts/services` starts it (or set AMQP_URL).",
+        failures.join("; ")
+    ))
+}
+
+/// The environment variable naming a PEM file of CA certificates that `amqps://` brokers are
+/// verified against, besides the public roots (a private CA).
+pub const CA_FILE_ENV: &str = "SHEEPDOG_AMQP_CA_FILE";
+
+fn tls_config() -> anyhow::Result<lapin::tcp::OwnedTLSConfig> {
+    let cert_chain = match std::env::var_os(CA_FILE_ENV).filter(|v| !v.is_empty()) {
+        None => None,
+        Some(path) => Some(std::fs::read_to_string(&path).map_err(|e| {
+            anyhow::anyhow!(
+                "{CA_FILE_ENV}: cannot read {}: {e}",
+                std::path::Path::new(&path).display()
+            )
+        })?),
+    };
+    Ok(lapin::tcp::OwnedTLSConfig {
+        identity: None,
+        cert_chain,
     })
+}
+
+/// The broker URLs of an `AMQP_URL` value: one, or several separated by commas.
+pub fn broker_urls(value: &str) -> Vec<&str> {
+    value.split(',').map(str::trim).filter(|u| !u.is_empty()).collect()
 }
 
 fn str_value(s: &str) -> AMQPValue {

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod dead;
 pub mod demo;
 pub mod enqueue;
+pub mod healthcheck;
 pub mod limits;
 pub mod mock;
 pub mod report;
@@ -61,6 +62,8 @@ pub enum Command {
     Bench(bench::BenchCommand),
     /// An OpenAI-compatible stand-in for HolySheep.
     MockUpstream(mock::MockArgs),
+    /// Exit 0 if the replica at SHEEPDOG_METRICS_ADDR is alive (or, with --ready, ready).
+    Healthcheck(healthcheck::HealthcheckArgs),
 }
 
 impl Command {
@@ -89,6 +92,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Demo(a) => demo::run(a).await,
         Command::Bench(a) => bench::command(a).await,
         Command::MockUpstream(a) => mock::run(a).await,
+        Command::Healthcheck(a) => healthcheck::run(a).await,
     }
 }
 
