@@ -53,8 +53,14 @@ pub async fn connect(url: &SecretString, name: &str) -> anyhow::Result<Connectio
         };
         failures.push(format!("{} ({failure})", redact_url(one)));
     }
+    // A broker that answered with a certificate we refuse is running: say what to check instead.
+    let hint = if failures.iter().any(|f| f.contains("certificate")) {
+        format!("The broker's TLS certificate was refused: it must be valid for the URL's host and signed by a public CA or one in {CA_FILE_ENV}.")
+    } else {
+        "Is it running? `scripts/services` starts it (or set AMQP_URL).".to_string()
+    };
     Err(anyhow::anyhow!(
-        "cannot reach RabbitMQ at {}. Is it running? `scripts/services` starts it (or set AMQP_URL).",
+        "cannot reach RabbitMQ at {}. {hint}",
         failures.join("; ")
     ))
 }

@@ -33,6 +33,44 @@ pub struct TestEnv {
     pub mock: MockServer,
     pub amqp: lapin::Connection,
     pub channel: lapin::Channel,
+    /// The node `rabbitmqctl -n` manages this environment's vhost on (None: the machine's broker).
+    pub ctl_node: Option<String>,
+}
+
+/// Where a `TestEnv` gets its vhost: the machine's broker (`Broker::local()`), or other nodes
+/// (a cluster, a TLS node) managed with `rabbitmqctl -n NODE`.
+#[derive(Clone, Debug)]
+pub struct Broker {
+    /// `rabbitmqctl -n` node name; None for the machine's own broker.
+    pub ctl_node: Option<String>,
+    /// Each broker's URL without the vhost, e.g. `amqp://guest:guest@127.0.0.1:5681`; the
+    /// environment's `AMQP_URL` lists them all, comma-separated, each with the vhost.
+    pub urls: Vec<String>,
+}
+
+impl Broker {
+    pub fn local() -> Broker {
+        Broker {
+            ctl_node: None,
+            urls: vec!["amqp://guest:guest@127.0.0.1:5672".into()],
+        }
+    }
+
+    /// `rabbitmqctl [-n NODE] args…`, panicking with its stderr when it fails.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let mut cmd = Command::new("rabbitmqctl");
+        if let Some(n) = &self.ctl_node {
+            cmd.args(["-n", n]);
+        }
+        let out = cmd.args(args).output().expect("rabbitmqctl runs");
+        assert!(
+            out.status.success(),
+            "rabbitmqctl {:?} {args:?}: {}",
+            self.ctl_node,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
 }
 
 /// A running in-process replica.
@@ -64,13 +102,27 @@ fn rabbitmqctl(args: &[&str]) {
 
 impl TestEnv {
     pub async fn new(mock: MockConfig) -> TestEnv {
+        TestEnv::new_on(mock, &Broker::local()).await
+    }
+
+    /// An environment whose vhost lives on `broker` (a cluster: its `AMQP_URL` lists every node).
+    pub async fn new_on(mock: MockConfig, broker: &Broker) -> TestEnv {
         sheepdog::install_crypto_provider();
         let _ = tracing_subscriber_init();
         let name = format!("sheepdog_test_{}", uuid::Uuid::new_v4().simple());
-        rabbitmqctl(&["add_vhost", &name]);
-        rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
+        match &broker.ctl_node {
+            None => {
+                rabbitmqctl(&["add_vhost", &name]);
+                rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
+            }
+            Some(_) => {
+                broker.ctl(&["add_vhost", &name]);
+                broker.ctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
+            }
+        }
         let db_url = SecretString::from(format!("postgres://postgres@127.0.0.1:5432/{name}"));
-        let amqp_url = SecretString::from(format!("amqp://guest:guest@127.0.0.1:5672/{name}"));
+        let urls: Vec<String> = broker.urls.iter().map(|u| format!("{u}/{name}")).collect();
+        let amqp_url = SecretString::from(urls.join(","));
         // `migrate` creates the database, applies migrations and declares queues.
         let pool = sheepdog::commands::migrate(&db_url, &amqp_url).await.expect("migrate");
         let mock = MockServer::start("127.0.0.1:0", mock).await.expect("mock upstream");
@@ -84,6 +136,7 @@ impl TestEnv {
             mock,
             amqp,
             channel,
+            ctl_node: broker.ctl_node.clone(),
         }
     }
 
@@ -234,7 +287,11 @@ impl Drop for TestEnv {
             eprintln!("kept database and vhost {}", self.name);
             return;
         }
-        let _ = Command::new("rabbitmqctl").args(["delete_vhost", &self.name]).output();
+        let mut ctl = Command::new("rabbitmqctl");
+        if let Some(n) = &self.ctl_node {
+            ctl.args(["-n", n]);
+        }
+        let _ = ctl.args(["delete_vhost", &self.name]).output();
         let _ = Command::new("psql")
             .args([
                 PG_ADMIN,
