@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::rejection::FormRejection;
 use axum::extract::{ConnectInfo, Form, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -317,14 +318,15 @@ async fn login(
     State(app): State<Arc<App>>,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    Form(f): Form<LoginForm>,
+    form: Result<Form<LoginForm>, FormRejection>,
 ) -> Result<Response, PageError> {
     if !app.auth.enabled() {
         return Err(PageError::Forbidden(
             "this dashboard is read-only (no SHEEPDOG_DASHBOARD_TOKEN)",
         ));
     }
-    match app.auth.sign_in(&f.token) {
+    let given = form.map(|f| f.0.token).unwrap_or_default();
+    match app.auth.sign_in(&given) {
         Some(cookie) => {
             tracing::info!(at = %chrono::Utc::now(), client = %client, action = "sign in", "dashboard action");
             Ok(([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response())
@@ -340,6 +342,17 @@ async fn login(
     }
 }
 
+/// A POST's form; a missing or unreadable one is refused as unauthorized (403), not 415.
+type ActionBody = Result<Form<ActionForm>, FormRejection>;
+
+fn form_of(body: ActionBody) -> ActionForm {
+    body.map(|f| f.0).unwrap_or(ActionForm {
+        csrf: None,
+        priority: None,
+        batch: None,
+    })
+}
+
 #[derive(Deserialize)]
 struct ActionForm {
     csrf: Option<String>,
@@ -347,11 +360,8 @@ struct ActionForm {
     batch: Option<String>,
 }
 
-async fn logout(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    Form(f): Form<ActionForm>,
-) -> Result<Response, PageError> {
+async fn logout(State(app): State<Arc<App>>, headers: HeaderMap, body: ActionBody) -> Result<Response, PageError> {
+    let f = form_of(body);
     app.auth.authorize(&headers, f.csrf.as_deref())?;
     app.auth.sign_out(&headers);
     Ok((
@@ -366,8 +376,9 @@ async fn batch_action(
     ConnectInfo(client): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Path((id, action)): Path<(String, String)>,
-    Form(f): Form<ActionForm>,
+    body: ActionBody,
 ) -> Result<Response, PageError> {
+    let f = form_of(body);
     app.auth.authorize(&headers, f.csrf.as_deref())?;
     let pool = &app.pool;
     let detail = match action.as_str() {
@@ -409,8 +420,9 @@ async fn dead_replay(
     State(app): State<Arc<App>>,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    Form(f): Form<ActionForm>,
+    body: ActionBody,
 ) -> Result<Response, PageError> {
+    let f = form_of(body);
     app.auth.authorize(&headers, f.csrf.as_deref())?;
     let batch = f.batch.filter(|b| !b.is_empty());
     let r = super::dead::replay(&app.pool, &app.amqp_url, batch.as_deref(), usize::MAX)
