@@ -467,7 +467,7 @@ pub fn dead(viewer: &Viewer, depth: u32, letters: &[DeadLetter]) -> Page {
             None => by_reason.push((reason, 1, example)),
         }
     }
-    by_reason.sort_by(|a, b| b.1.cmp(&a.1));
+    by_reason.sort_by_key(|r| std::cmp::Reverse(r.1));
     let mut batches: Vec<(String, usize)> = Vec::new();
     for l in letters {
         let b = l.batch_id.clone().unwrap_or_default();
