@@ -45,7 +45,8 @@ pub struct DashboardArgs {
 pub(crate) struct App {
     pool: PgPool,
     amqp_url: SecretString,
-    amqp: tokio::sync::Mutex<Option<lapin::Connection>>,
+    /// The shared connection, and until when RabbitMQ is not asked again after a failure.
+    amqp: tokio::sync::Mutex<(Option<lapin::Connection>, Option<std::time::Instant>)>,
     auth: auth::Auth,
 }
 
@@ -55,7 +56,7 @@ pub async fn run(a: DashboardArgs) -> anyhow::Result<ExitCode> {
     let app = Arc::new(App {
         pool,
         amqp_url: a.amqp.amqp_url.clone(),
-        amqp: tokio::sync::Mutex::new(None),
+        amqp: tokio::sync::Mutex::new((None, None)),
         auth: auth::Auth::new(a.token),
     });
     let listener = tokio::net::TcpListener::bind(&a.addr)
@@ -150,23 +151,37 @@ async fn bounded<T>(f: impl std::future::Future<Output = Result<T, PageError>>) 
 }
 
 impl App {
-    /// Ready messages in a queue, or None when RabbitMQ cannot be asked within a second.
-    async fn queue_depth(&self, queue: &str) -> Option<u32> {
+    /// Ready messages in each queue, or None for all when RabbitMQ cannot be asked within a
+    /// second. After a failure RabbitMQ is not asked again for 10 s, so pages stay fast.
+    async fn queue_depths(&self, queues: &[&str]) -> Vec<Option<u32>> {
+        let none = vec![None; queues.len()];
+        let mut guard = self.amqp.lock().await;
+        if guard.1.is_some_and(|until| std::time::Instant::now() < until) {
+            return none;
+        }
         let attempt = async {
-            let mut guard = self.amqp.lock().await;
-            if guard.as_ref().is_none_or(|c| !c.status().connected()) {
-                *guard = Some(crate::amqp::connect(&self.amqp_url, "sheepdog dashboard").await.ok()?);
+            if guard.0.as_ref().is_none_or(|c| !c.status().connected()) {
+                guard.0 = Some(crate::amqp::connect(&self.amqp_url, "sheepdog dashboard").await.ok()?);
             }
-            let conn = guard.as_ref()?;
-            let ch = conn.create_channel().await.ok()?;
-            let depth = crate::amqp::queue_depth(&ch, queue).await.ok();
+            let ch = guard.0.as_ref()?.create_channel().await.ok()?;
+            let mut out = Vec::with_capacity(queues.len());
+            for q in queues {
+                out.push(Some(crate::amqp::queue_depth(&ch, q).await.ok()?));
+            }
             let _ = ch.close(200, "".into()).await;
-            depth
+            Some(out)
         };
-        tokio::time::timeout(Duration::from_secs(1), attempt)
-            .await
-            .ok()
-            .flatten()
+        match tokio::time::timeout(Duration::from_secs(1), attempt).await {
+            Ok(Some(depths)) => {
+                guard.1 = None;
+                depths
+            }
+            _ => {
+                guard.0 = None;
+                guard.1 = Some(std::time::Instant::now() + Duration::from_secs(10));
+                none
+            }
+        }
     }
 }
 
@@ -177,10 +192,10 @@ async fn overview(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<Res
         let minutes = crate::store::dashboard::calls_per_minute(&app.pool, 60, None).await?;
         let usage = crate::limits::usage(&app.pool).await?;
         let breakers = crate::store::dashboard::breakers(&app.pool).await?;
-        let (dead, jobs) = tokio::join!(
-            app.queue_depth(crate::amqp::DEAD_QUEUE),
-            app.queue_depth(crate::amqp::JOBS_QUEUE)
-        );
+        let depths = app
+            .queue_depths(&[crate::amqp::DEAD_QUEUE, crate::amqp::JOBS_QUEUE])
+            .await;
+        let (dead, jobs) = (depths[0], depths[1]);
         Ok(pages::overview(&viewer, &o, &minutes, &usage, &breakers, dead, jobs).into_response())
     })
     .await
@@ -294,10 +309,7 @@ async fn limits(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<Respo
 
 async fn dead(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<Response, PageError> {
     let viewer = app.auth.viewer(&headers);
-    let depth = app
-        .queue_depth(crate::amqp::DEAD_QUEUE)
-        .await
-        .ok_or(PageError::AmqpDown)?;
+    let depth = app.queue_depths(&[crate::amqp::DEAD_QUEUE]).await[0].ok_or(PageError::AmqpDown)?;
     let letters = tokio::time::timeout(Duration::from_secs(5), super::dead::list(&app.amqp_url, None, 1000))
         .await
         .map_err(|_| PageError::AmqpDown)?
