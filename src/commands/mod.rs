@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod bench;
+pub mod dashboard;
 pub mod dead;
 pub mod demo;
 pub mod enqueue;
@@ -43,6 +44,8 @@ pub enum Command {
         #[command(subcommand)]
         action: batch::BatchAction,
     },
+    /// The web dashboard: batches, limits, breakers, dead letters; actions with a token.
+    Dashboard(dashboard::DashboardArgs),
     /// Inspect and replay dead-lettered jobs.
     Dead {
         #[command(subcommand)]
@@ -85,6 +88,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Limits { action } => limits::run(action).await,
         Command::Batch { action } => batch::run(action).await,
         Command::Dead { action } => dead::run(action).await,
+        Command::Dashboard(a) => dashboard::run(a).await,
         Command::Report(a) => report::run(a).await,
         Command::Enqueue(a) => enqueue::run(a).await,
         Command::Status(a) => status::run(a).await,

@@ -4,6 +4,7 @@
 
 pub mod batcher;
 pub mod batches;
+pub mod dashboard;
 pub mod dispatch;
 pub mod intake;
 pub mod liveness;
