@@ -536,3 +536,38 @@ async fn apply(
         })
         .collect())
 }
+
+/// Grants Postgres holds for `replica` that are not in `in_hand` (the calls it is working on):
+/// jobs running as its, with their call pending. A dispatch whose COMMIT went through while
+/// its answer was lost with the connection leaves such grants; the replica runs them.
+pub async fn lost_grants(pool: &PgPool, replica: i64, in_hand: &[i64]) -> Result<Vec<Granted>, StoreError> {
+    let rows: Vec<GrantedRow> = sqlx::query_as(
+        "SELECT c.id, c.batch_id, c.custom_id, c.attempt, c.model, j.message, j.reserve_tokens,
+                j.reserve_cost_usd
+           FROM sheepdog.calls c
+           JOIN sheepdog.jobs j ON j.batch_id = c.batch_id AND j.custom_id = c.custom_id
+          WHERE c.replica_id = $1 AND c.outcome = 'pending' AND NOT (c.id = ANY($2))
+            AND j.status = 'running' AND j.owner = $1 AND j.attempts = c.attempt",
+    )
+    .bind(replica)
+    .bind(in_hand)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Granted {
+            id: JobId {
+                batch_id: r.1,
+                custom_id: r.2,
+            },
+            call_id: r.0,
+            attempt: r.3,
+            model: r.4,
+            message: r.5.unwrap_or_default(),
+            reserve_tokens: r.6.unwrap_or(0),
+            reserve_cost_usd: r.7.unwrap_or_default(),
+            probe: None,
+            first_after_pause: None,
+        })
+        .collect())
+}

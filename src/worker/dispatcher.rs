@@ -24,6 +24,10 @@ const MAX_ASK: usize = 256;
 pub async fn run(w: Arc<Worker>, stop: CancellationToken, calls: TaskTracker) {
     let mut failures = 0u32;
     let mut idle = true;
+    // A dispatch that failed on a lost connection may have committed: its grants are then this
+    // replica's in Postgres (jobs running, calls pending) but in no task. Looked for once the
+    // database answers again; no other replica would ever take them (this one is alive).
+    let mut maybe_lost = false;
     loop {
         let first = tokio::select! {
             p = w.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
@@ -51,9 +55,13 @@ pub async fn run(w: Arc<Worker>, stop: CancellationToken, calls: TaskTracker) {
                 let granted = d.jobs.len();
                 for job in d.jobs {
                     let permit = permits.pop().expect("no more grants than slots asked for");
+                    w.hold(job.call_id);
                     calls.spawn(super::execute::run(w.clone(), job, permit));
                 }
                 drop(permits);
+                if std::mem::take(&mut maybe_lost) {
+                    maybe_lost = !recover_lost_grants(&w, &calls).await;
+                }
                 if granted == asked {
                     None
                 } else if d.idle {
@@ -64,6 +72,7 @@ pub async fn run(w: Arc<Worker>, stop: CancellationToken, calls: TaskTracker) {
             }
             Err(e) => {
                 drop(permits);
+                maybe_lost |= e.is_unavailable();
                 w.database_failed(&e);
                 if !e.is_unavailable() {
                     tracing::error!(error = %e, "dispatch failed");
@@ -81,4 +90,26 @@ pub async fn run(w: Arc<Worker>, stop: CancellationToken, calls: TaskTracker) {
             }
         }
     }
+}
+
+/// Runs the grants this replica holds in Postgres but in no task (see `maybe_lost`), each in
+/// a slot of its own like any grant. Returns whether the look succeeded.
+async fn recover_lost_grants(w: &Arc<Worker>, calls: &TaskTracker) -> bool {
+    let in_hand = w.in_hand();
+    let lost = match crate::store::dispatch::lost_grants(&w.pool, w.replica(), &in_hand).await {
+        Ok(lost) => lost,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot look for grants lost with a connection yet");
+            return false;
+        }
+    };
+    for job in lost {
+        tracing::warn!(job = %job.id, "a grant's answer was lost with the database connection; running it now");
+        let Ok(permit) = w.slots.clone().acquire_owned().await else {
+            return true;
+        };
+        w.hold(job.call_id);
+        calls.spawn(super::execute::run(w.clone(), job, permit));
+    }
+    true
 }

@@ -27,8 +27,12 @@ pub async fn run(w: Arc<Worker>, g: Granted, permit: OwnedSemaphorePermit) {
         Ok(s) => s,
         Err(s) => s,
     };
-    if let Err(e) = settle(&w, settlement).await {
-        tracing::error!(job = %g.id, error = %e, "could not record a call; its replica's takeover will charge it");
+    match settle(&w, settlement).await {
+        // (A call whose settlement failed stays in hand: it was made, and must not be made again.)
+        Ok(()) => w.release(g.call_id),
+        Err(e) => {
+            tracing::error!(job = %g.id, error = %e, "could not record a call; its replica's takeover will charge it")
+        }
     }
     w.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
     drop(permit);

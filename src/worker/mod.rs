@@ -51,6 +51,9 @@ pub struct Worker {
     slots: Arc<Semaphore>,
     /// Wakes the dispatcher: jobs were admitted, a slot came free, a job was taken over.
     wake: Notify,
+    /// The calls (ids) this replica has in hand: granted to it and not yet settled. A grant
+    /// Postgres holds for this replica that is not here was lost with a dispatch's answer.
+    in_hand: std::sync::Mutex<std::collections::HashSet<i64>>,
     admits: Batcher<Admission, Admitted>,
     settles: Batcher<Settlement, ()>,
     /// Fault injection for the crash tests (`SHEEPDOG_FAULT=exit-after-admit`: the process
@@ -98,6 +101,7 @@ impl Worker {
             metrics,
             breakers,
             wake: Notify::new(),
+            in_hand: Default::default(),
             admits,
             settles,
             fault,
@@ -193,5 +197,27 @@ impl Worker {
                 _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             }
         }
+    }
+}
+
+impl Worker {
+    /// Notes a granted call as in hand (until it is settled).
+    pub(crate) fn hold(&self, call_id: i64) {
+        self.in_hand.lock().unwrap_or_else(|e| e.into_inner()).insert(call_id);
+    }
+
+    /// Notes a call as settled: no longer in hand.
+    pub(crate) fn release(&self, call_id: i64) {
+        self.in_hand.lock().unwrap_or_else(|e| e.into_inner()).remove(&call_id);
+    }
+
+    /// The calls in hand now.
+    pub(crate) fn in_hand(&self) -> Vec<i64> {
+        self.in_hand
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .collect()
     }
 }
