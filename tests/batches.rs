@@ -8,34 +8,17 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::scenario::now_ms;
-use common::{job_line, wait_for, TestEnv, WorkerProcess};
+use common::{mock_latency as mock, small_lines as lines};
+use common::{wait_for, TestEnv, WorkerProcess};
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use rust_decimal::Decimal;
 use serde_json::Value;
 use sheepdog::prices::{PriceTable, Usage};
-use sheepdog::upstream::mock::{CallRecord, MockConfig};
+use sheepdog::upstream::mock::CallRecord;
 
 const MODEL: &str = "gpt-4o-mini";
-
-fn lines(n: usize, prefix: &str) -> Vec<Value> {
-    (0..n)
-        .map(|i| {
-            let mut l = job_line(&format!("{prefix}-{i:05}"), MODEL, &format!("{prefix} job {i}"));
-            l["body"]["max_tokens"] = 20.into();
-            l
-        })
-        .collect()
-}
-
-fn mock(lo: u64, hi: u64) -> MockConfig {
-    MockConfig {
-        latency_ms_min: lo,
-        latency_ms_max: hi,
-        ..Default::default()
-    }
-}
 
 /// The mock's calls for one batch (its jobs' texts start with the prefix).
 fn calls_of(env: &TestEnv, prefix: &str) -> Vec<CallRecord> {

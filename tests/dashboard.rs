@@ -8,33 +8,14 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::proxy::Proxy;
-use common::{job_line, wait_for, TestEnv, WorkerProcess};
+use common::{mock_latency as mock, small_lines as lines};
+use common::{wait_for, TestEnv, WorkerProcess};
 use fantoccini::{Client, ClientBuilder, Locator};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Value};
-use sheepdog::upstream::mock::MockConfig;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-const MODEL: &str = "gpt-4o-mini";
 const TOKEN: &str = "dash-test-token-4f1c9a";
-
-fn lines(n: usize, prefix: &str) -> Vec<Value> {
-    (0..n)
-        .map(|i| {
-            let mut l = job_line(&format!("{prefix}-{i:05}"), MODEL, &format!("{prefix} job {i}"));
-            l["body"]["max_tokens"] = 20.into();
-            l
-        })
-        .collect()
-}
-
-fn mock(lo: u64, hi: u64) -> MockConfig {
-    MockConfig {
-        latency_ms_min: lo,
-        latency_ms_max: hi,
-        ..Default::default()
-    }
-}
 
 /// A `sheepdog dashboard` process on a port of its own; killed when dropped.
 struct Dashboard {

@@ -364,6 +364,24 @@ type GrantedRow = (
     Option<Decimal>,
 );
 
+/// A grant from its row (call id, batch, custom id, attempt, model, message, worst case).
+fn granted(r: GrantedRow, probe: Option<String>, first_after_pause: Option<String>) -> Granted {
+    Granted {
+        id: JobId {
+            batch_id: r.1,
+            custom_id: r.2,
+        },
+        call_id: r.0,
+        attempt: r.3,
+        model: r.4,
+        message: r.5.unwrap_or_default(),
+        reserve_tokens: r.6.unwrap_or(0),
+        reserve_cost_usd: r.7.unwrap_or_default(),
+        probe,
+        first_after_pause,
+    }
+}
+
 /// Writes a plan back: levels, reservations, probes, gates, claims and ledger rows.
 async fn apply(
     tx: &mut Transaction<'_, Postgres>,
@@ -519,20 +537,11 @@ async fn apply(
         .into_iter()
         .map(|r| {
             let g = by_id.get(&(r.1.clone(), r.2.clone()));
-            Granted {
-                id: JobId {
-                    batch_id: r.1,
-                    custom_id: r.2,
-                },
-                call_id: r.0,
-                attempt: r.3,
-                model: r.4,
-                message: r.5.unwrap_or_default(),
-                reserve_tokens: r.6.unwrap_or(0),
-                reserve_cost_usd: r.7.unwrap_or_default(),
-                probe: g.and_then(|g| g.probe.clone()),
-                first_after_pause: g.and_then(|g| g.first_after_pause.clone()),
-            }
+            granted(
+                r,
+                g.and_then(|g| g.probe.clone()),
+                g.and_then(|g| g.first_after_pause.clone()),
+            )
         })
         .collect())
 }
@@ -553,21 +562,5 @@ pub async fn lost_grants(pool: &PgPool, replica: i64, in_hand: &[i64]) -> Result
     .bind(in_hand)
     .fetch_all(pool)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| Granted {
-            id: JobId {
-                batch_id: r.1,
-                custom_id: r.2,
-            },
-            call_id: r.0,
-            attempt: r.3,
-            model: r.4,
-            message: r.5.unwrap_or_default(),
-            reserve_tokens: r.6.unwrap_or(0),
-            reserve_cost_usd: r.7.unwrap_or_default(),
-            probe: None,
-            first_after_pause: None,
-        })
-        .collect())
+    Ok(rows.into_iter().map(|r| granted(r, None, None)).collect())
 }

@@ -321,6 +321,26 @@ where
     }
 }
 
+/// `n` chat job lines of gpt-4o-mini with `max_tokens` 20, ids `{prefix}-00000` onwards.
+pub fn small_lines(n: usize, prefix: &str) -> Vec<serde_json::Value> {
+    (0..n)
+        .map(|i| {
+            let mut l = job_line(&format!("{prefix}-{i:05}"), "gpt-4o-mini", &format!("{prefix} job {i}"));
+            l["body"]["max_tokens"] = 20.into();
+            l
+        })
+        .collect()
+}
+
+/// A mock that answers after `lo`..`hi` ms.
+pub fn mock_latency(lo: u64, hi: u64) -> MockConfig {
+    MockConfig {
+        latency_ms_min: lo,
+        latency_ms_max: hi,
+        ..Default::default()
+    }
+}
+
 /// A chat job line in the OpenAI Batch input format.
 pub fn job_line(custom_id: &str, model: &str, content: &str) -> serde_json::Value {
     serde_json::json!({
