@@ -9,11 +9,13 @@ use sqlx::PgPool;
 
 use super::{Priority, StoreError};
 
-/// The outbox row a `job.finished` event of each job in `jobs` (a CTE of job rows) makes.
-/// Only the job is recorded: the event's body is built when it is published.
+/// The outbox rows of the `job.finished` events of jobs in a CTE of job rows: one row per batch
+/// with its jobs' custom ids; a use reads `{FINISHED_EVENTS} FROM cte j [WHERE …] GROUP BY
+/// j.batch_id`. Only the jobs are recorded: the events' bodies are built when they are published.
 pub(super) const FINISHED_EVENTS: &str =
-    "INSERT INTO sheepdog.outbox (exchange, routing_key, headers, body, job_custom_id)
-     SELECT 'sheepdog.results', j.batch_id, '{\"x-sheepdog-event\": \"job.finished\"}'::jsonb, '', j.custom_id";
+    "INSERT INTO sheepdog.outbox (exchange, routing_key, headers, body, job_custom_ids)
+     SELECT 'sheepdog.results', j.batch_id, '{\"x-sheepdog-event\": \"job.finished\"}'::jsonb, '',
+            array_agg(j.custom_id)";
 
 /// What a producer may change of a batch; `None` leaves a setting as it is.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -194,7 +196,7 @@ async fn end_waiting(pool: &PgPool, batches: &[String], status: &str) -> Result<
                    CASE $2 WHEN 'expired' THEN count(*) ELSE 0 END, now()
               FROM ended GROUP BY batch_id
         ), events AS (
-            {FINISHED_EVENTS} FROM ended j
+            {FINISHED_EVENTS} FROM ended j GROUP BY j.batch_id
         )
         SELECT count(*) FROM ended
         "#

@@ -67,7 +67,8 @@ pub async fn admit(pool: &PgPool, items: Vec<Admission>) -> Result<Vec<Admitted>
                 AS t(batch_id, custom_id, model, metadata, message, tokens, cost, ord)
         ), ctl AS (
             -- A job of a batch that is cancelled, or past its deadline, ends as it arrives.
-            SELECT i.batch_id, coalesce(sheepdog.batch_end(b.control, b.expires_at), 'queued') AS status
+            SELECT i.batch_id, coalesce(sheepdog.batch_end(b.control, b.expires_at), 'queued') AS status,
+                   b.batch_id IS NULL AS missing
               FROM (SELECT DISTINCT batch_id FROM input) i
               LEFT JOIN sheepdog.batches b ON b.batch_id = i.batch_id
         ), ins AS (
@@ -92,10 +93,12 @@ pub async fn admit(pool: &PgPool, items: Vec<Admission>) -> Result<Vec<Admitted>
                    error = EXCLUDED.error,
                    finished_at = EXCLUDED.finished_at
              WHERE j.status = 'queued' AND j.message IS NULL AND j.owner IS NULL
-            RETURNING j.*
+            RETURNING j.batch_id, j.custom_id, j.model, j.seq, j.status
         ), bat AS (
+            -- Only a batch not seen yet: an insert that meets an existing row would wait for
+            -- whatever holds that row (a dispatch moving the batch's pass) to commit.
             INSERT INTO sheepdog.batches (batch_id)
-            SELECT DISTINCT batch_id FROM ins
+            SELECT batch_id FROM ctl WHERE missing
             ON CONFLICT (batch_id) DO NOTHING
         ), back AS (
             INSERT INTO sheepdog.backlog (batch_id, custom_id, model, seq)
@@ -106,7 +109,7 @@ pub async fn admit(pool: &PgPool, items: Vec<Admission>) -> Result<Vec<Admitted>
                    count(*) FILTER (WHERE status = 'expired')
               FROM ins GROUP BY batch_id
         ), events AS (
-            {FINISHED_EVENTS} FROM ins j WHERE j.status <> 'queued'
+            {FINISHED_EVENTS} FROM ins j WHERE j.status <> 'queued' GROUP BY j.batch_id
         )
         SELECT batch_id, custom_id FROM ins
         "#,
@@ -166,7 +169,7 @@ pub async fn fail_without_call(
             INSERT INTO sheepdog.batch_progress (batch_id, admitted, failed, finished_at)
             SELECT batch_id, 1, 1, now() FROM failed
         ), events AS (
-            {FINISHED_EVENTS} FROM failed j
+            {FINISHED_EVENTS} FROM failed j GROUP BY j.batch_id
         )
         SELECT EXISTS (SELECT 1 FROM failed)
         "#,

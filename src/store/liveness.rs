@@ -201,7 +201,7 @@ async fn release_jobs(
                       FROM job WHERE status <> 'queued') x
              GROUP BY batch_id
         ), events AS (
-            {FINISHED_EVENTS} FROM job j WHERE j.status <> 'queued'
+            {FINISHED_EVENTS} FROM job j WHERE j.status <> 'queued' GROUP BY j.batch_id
         ), gone AS (
             DELETE FROM sheepdog.replicas WHERE id = ANY($1)
         )

@@ -201,7 +201,7 @@ pub async fn settle(pool: &PgPool, items: Vec<Settlement>) -> Result<Vec<()>, St
               FROM v
              WHERE j.batch_id = v.batch_id AND j.custom_id = v.custom_id
                AND j.status = 'running' AND j.owner = v.replica
-            RETURNING j.*, v.retry_ms, v.dead_reason
+            RETURNING j.batch_id, j.custom_id, j.model, j.seq, j.status, j.finished_at, v.retry_ms, v.dead_reason
         ), back AS (
             -- A retry keeps its place in line; only its time is later.
             INSERT INTO sheepdog.backlog (batch_id, custom_id, model, seq, run_at)
@@ -227,7 +227,7 @@ pub async fn settle(pool: &PgPool, items: Vec<Settlement>) -> Result<Vec<()>, St
                       FROM job WHERE status <> 'queued') x
              GROUP BY batch_id
         ), events AS (
-            {FINISHED_EVENTS} FROM job j WHERE j.status <> 'queued'
+            {FINISHED_EVENTS} FROM job j WHERE j.status <> 'queued' GROUP BY j.batch_id
         )
         INSERT INTO sheepdog.outbox (routing_key, headers, body)
         SELECT 'sheepdog.dead', jsonb_build_object('x-sheepdog-error', job.dead_reason), before.message

@@ -11,11 +11,10 @@ use super::Worker;
 
 pub async fn run(w: Arc<Worker>, ch: Channel, stop: CancellationToken) {
     loop {
-        let published = match crate::store::outbox::take(&w.pool, 200).await {
+        let published = match crate::store::outbox::take(&w.pool, 200, 1000).await {
             Ok(Some(taken)) => {
                 // The event of a job that no longer exists has nothing to say: it is cleared.
-                let (sendable, gone): (Vec<_>, Vec<_>) = taken.messages.iter().partition(|m| m.body.is_some());
-                let mut ok: Vec<i64> = gone.iter().map(|m| m.id).collect();
+                let sendable: Vec<_> = taken.messages.iter().filter(|m| m.body.is_some()).collect();
                 let outgoing: Vec<crate::amqp::Outgoing> = sendable
                     .iter()
                     .map(|m| crate::amqp::Outgoing {
@@ -26,14 +25,15 @@ pub async fn run(w: Arc<Worker>, ch: Channel, stop: CancellationToken) {
                     })
                     .collect();
                 let results = crate::amqp::publish_all(&ch, &outgoing).await;
+                // A row goes once every message of it is confirmed; else it stays, all of it.
+                let mut failed = std::collections::HashSet::new();
                 for (m, r) in sendable.iter().zip(results) {
-                    match r {
-                        Ok(()) => ok.push(m.id),
-                        Err(e) => {
-                            tracing::warn!(error = %e, routing_key = %m.routing_key, "outbox publish failed; it stays for later")
-                        }
+                    if let Err(e) = r {
+                        tracing::warn!(error = %e, routing_key = %m.routing_key, "outbox publish failed; it stays for later");
+                        failed.insert(m.id);
                     }
                 }
+                let ok: Vec<i64> = taken.rows.iter().copied().filter(|id| !failed.contains(id)).collect();
                 let n = ok.len();
                 if let Err(e) = taken.done(&ok).await {
                     tracing::warn!(error = %e, "could not clear the outbox; its messages go again (at least once)");
