@@ -77,8 +77,19 @@ impl Metrics {
         h.count += 1;
     }
 
-    pub fn set_scopes(&self, v: Vec<crate::limits::ScopeUsage>) {
-        *self.scopes.lock().unwrap() = v;
+    /// The scopes' limits and use; without `last_minute`, each scope keeps the use of the
+    /// last minute it had.
+    pub fn set_scopes(&self, mut v: Vec<crate::limits::ScopeUsage>, last_minute: bool) {
+        let mut scopes = self.scopes.lock().unwrap();
+        if !last_minute {
+            for u in v.iter_mut() {
+                if let Some(old) = scopes.iter().find(|o| o.scope == u.scope) {
+                    u.requests_last_minute = old.requests_last_minute;
+                    u.tokens_last_minute = old.tokens_last_minute;
+                }
+            }
+        }
+        *scopes = v;
     }
 
     pub fn set_breakers(&self, v: Vec<BreakerView>) {

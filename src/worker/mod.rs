@@ -180,17 +180,24 @@ impl Worker {
         Ok(())
     }
 
-    /// Keeps the gauges current: breakers, backlog, budget left.
+    /// Keeps the gauges current: breakers, backlog, limits and budgets left every 2 s; the
+    /// limits' use in the last minute every 10 s (that read goes through the last minute of calls).
     async fn follow(self: Arc<Self>, stop: CancellationToken) {
-        loop {
+        for round in 0u64.. {
             if let Ok(b) = crate::limits::breaker::read_all(&self.pool).await {
                 self.metrics.set_breakers(b);
             }
             if let Ok(n) = crate::store::report::backlog_depth(&self.pool).await {
                 self.metrics.backlog.store(n, std::sync::atomic::Ordering::Relaxed);
             }
-            if let Ok(scopes) = crate::limits::usage(&self.pool).await {
-                self.metrics.set_scopes(scopes);
+            let last_minute = round.is_multiple_of(5);
+            let scopes = if last_minute {
+                crate::limits::usage(&self.pool).await
+            } else {
+                crate::limits::usage_without_last_minute(&self.pool).await
+            };
+            if let Ok(scopes) = scopes {
+                self.metrics.set_scopes(scopes, last_minute);
             }
             tokio::select! {
                 _ = stop.cancelled() => return,
