@@ -131,6 +131,7 @@ pub async fn run(
     refuse_if_consumed(amqp_url).await?;
     // Nothing left from an earlier run: no limits until the workers bring this run's.
     crate::limits::apply(&pool, crate::limits::ALL, &unlimited()).await?;
+    crate::store::upkeep::vacuum_database(&pool).await?;
     let limit_run = b.rpm.is_some() || b.tpm.is_some() || b.budget.is_some();
     // The run's limits go to the workers, which store them when they start, as users run it.
     let limits = LimitArgs {

@@ -11,6 +11,7 @@ pub mod liveness;
 pub mod outbox;
 pub mod report;
 pub mod settle;
+pub mod upkeep;
 
 use std::str::FromStr;
 use std::time::Duration;

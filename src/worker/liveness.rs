@@ -13,6 +13,9 @@ use crate::store::liveness::{self, LifeLine};
 
 const BEAT: Duration = Duration::from_secs(1);
 
+/// How often the churn tables are looked at.
+const VACUUM_EVERY: Duration = Duration::from_secs(5);
+
 pub async fn run(w: Arc<Worker>, stop: CancellationToken) {
     let mut line: Option<LifeLine> = None;
     loop {
@@ -87,5 +90,21 @@ async fn upkeep(w: &Worker) {
             }
         }
         Err(e) => tracing::debug!(error = %e, "folding batch figures failed"),
+    }
+}
+
+/// Every few seconds, one replica vacuums the churn tables that need it (a task of its own: a
+/// slow vacuum never holds up this replica's beat).
+pub async fn vacuum(w: Arc<Worker>, stop: CancellationToken) {
+    loop {
+        match crate::store::upkeep::vacuum_churn(&w.pool).await {
+            Ok(tables) if !tables.is_empty() => tracing::debug!(?tables, "vacuumed"),
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "vacuuming the churn tables failed"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(VACUUM_EVERY) => {}
+        }
     }
 }

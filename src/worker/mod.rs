@@ -145,6 +145,7 @@ impl Worker {
         let calls = TaskTracker::new();
         let live = tokio::spawn(liveness::run(self.clone(), stop_background.clone()));
         let gauges = tokio::spawn(self.clone().follow(stop_background.clone()));
+        let vacuum = tokio::spawn(liveness::vacuum(self.clone(), stop_background.clone()));
         let intake = tokio::spawn(intake::run(self.clone(), stop_intake.clone()));
         let dispatch = tokio::spawn(dispatcher::run(self.clone(), stop_dispatch.clone(), calls.clone()));
 
@@ -177,6 +178,8 @@ impl Worker {
         stop_background.cancel();
         let _ = live.await;
         gauges.abort();
+        // Not aborted: a vacuum cut off mid-way would leave its lock on a pooled connection.
+        let _ = vacuum.await;
         Ok(())
     }
 
