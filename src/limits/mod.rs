@@ -272,28 +272,28 @@ pub struct ScopeUsage {
 
 /// Every scope's limits and use, `*` first.
 pub async fn usage(pool: &PgPool) -> Result<Vec<ScopeUsage>, StoreError> {
-    Ok(sqlx::query_as(
-        "SELECT scope, rpm, tpm, burst_seconds, budget_usd, budget_period, budget_period_key, budget_spent_usd,
-                budget_reserved_usd, budget_left_usd, requests_last_minute, tokens_last_minute::numeric,
-                paused_until, pause_reason
-           FROM sheepdog.limit_usage ORDER BY scope <> '*', scope",
-    )
-    .fetch_all(pool)
-    .await?)
+    usage_reading(pool, "requests_last_minute, tokens_last_minute::numeric").await
 }
 
 /// Every scope's limits and budgets as [`usage`] gives them, without the use of the last minute
 /// (zero here): that part reads the last minute of calls, the rest a few rows.
 pub async fn usage_without_last_minute(pool: &PgPool) -> Result<Vec<ScopeUsage>, StoreError> {
     // Columns of the view left unread are not computed, the calls they read not read.
-    Ok(sqlx::query_as(
-        "SELECT scope, rpm, tpm, burst_seconds, budget_usd, budget_period, budget_period_key, budget_spent_usd,
-                budget_reserved_usd, budget_left_usd, 0::bigint AS requests_last_minute,
-                0::numeric AS tokens_last_minute, paused_until, pause_reason
-           FROM sheepdog.limit_usage ORDER BY scope <> '*', scope",
+    usage_reading(
+        pool,
+        "0::bigint AS requests_last_minute, 0::numeric AS tokens_last_minute",
     )
-    .fetch_all(pool)
-    .await?)
+    .await
+}
+
+/// `limit_usage` with `last_minute` as its two columns of the last minute's use.
+async fn usage_reading(pool: &PgPool, last_minute: &str) -> Result<Vec<ScopeUsage>, StoreError> {
+    let sql = format!(
+        "SELECT scope, rpm, tpm, burst_seconds, budget_usd, budget_period, budget_period_key, budget_spent_usd,
+                budget_reserved_usd, budget_left_usd, {last_minute}, paused_until, pause_reason
+           FROM sheepdog.limit_usage ORDER BY scope <> '*', scope"
+    );
+    Ok(sqlx::query_as(&sql).fetch_all(pool).await?)
 }
 
 #[cfg(test)]
