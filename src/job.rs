@@ -160,25 +160,53 @@ impl Job {
         })
     }
 
-    /// The `max_tokens` the job asked for, if any.
-    pub fn max_tokens(&self) -> Option<u32> {
-        ["max_completion_tokens", "max_tokens"]
-            .iter()
-            .find_map(|k| self.body.get(*k).and_then(Value::as_u64))
-            .map(|n| n as u32)
-    }
-
-    /// The body sent upstream: as given, with streaming forced off and a
-    /// `max_tokens` cap added when the job set none.
-    pub fn upstream_body(&self, default_max_tokens: u32) -> Map<String, Value> {
+    /// The request sent upstream and the most completion tokens it allows. The body is sent
+    /// as given, except that streaming is forced off and the completion bound goes under the
+    /// name the model takes: a reasoning model (`supports_reasoning` in the price file) gets
+    /// `max_completion_tokens` and never `max_tokens` (the job's `max_tokens` is carried over
+    /// under that name); any other model keeps what the job wrote, and gets `max_tokens` =
+    /// `default_max_tokens` when the job set neither.
+    pub fn upstream_request(&self, default_max_tokens: u32, reasoning: bool) -> UpstreamRequest {
         let mut body = self.body.clone();
         body.insert("stream".into(), Value::Bool(false));
         body.remove("stream_options");
-        if self.max_tokens().is_none() {
-            body.insert("max_tokens".into(), Value::from(default_max_tokens));
+        let given = |k: &str| body.get(k).and_then(Value::as_u64).map(|n| n as u32);
+        let (completion, legacy) = (given("max_completion_tokens"), given("max_tokens"));
+        let max_completion_tokens = if reasoning {
+            let bound = completion.or(legacy).unwrap_or(default_max_tokens);
+            body.remove("max_tokens");
+            body.insert("max_completion_tokens".into(), Value::from(bound));
+            bound
+        } else {
+            for k in ["max_completion_tokens", "max_tokens"] {
+                if body.get(k).is_some_and(Value::is_null) {
+                    body.remove(k);
+                }
+            }
+            match (completion, legacy) {
+                // Both given: whichever the upstream honours, the larger bounds the answer.
+                (Some(a), Some(b)) => a.max(b),
+                (Some(n), None) | (None, Some(n)) => n,
+                (None, None) => {
+                    body.insert("max_tokens".into(), Value::from(default_max_tokens));
+                    default_max_tokens
+                }
+            }
+        };
+        UpstreamRequest {
+            body,
+            max_completion_tokens,
         }
-        body
     }
+}
+
+/// A job's request as it goes upstream.
+#[derive(Clone, Debug)]
+pub struct UpstreamRequest {
+    pub body: Map<String, Value>,
+    /// The most completion tokens the answer may have (reasoning included): with the prompt,
+    /// the job's worst case.
+    pub max_completion_tokens: u32,
 }
 
 /// A short rendering of a JSON value for an error message.
@@ -215,9 +243,41 @@ mod tests {
         );
         assert_eq!(j.model, "gpt-4.1");
         assert_eq!(j.metadata, Some(serde_json::json!({"k":1})));
-        let up = j.upstream_body(77);
-        assert_eq!(up["max_tokens"], 77);
-        assert_eq!(up["stream"], false);
+        let up = j.upstream_request(77, false);
+        assert_eq!(up.body["max_tokens"], 77);
+        assert_eq!(up.body["stream"], false);
+        assert_eq!(up.max_completion_tokens, 77);
+    }
+
+    #[test]
+    fn reasoning_models_get_max_completion_tokens_and_never_max_tokens() {
+        let line = |extra: &str| {
+            parse(&format!(
+                r#"{{"custom_id":"a","body":{{"model":"o4-mini","messages":[{{"role":"user","content":"hi"}}]{extra}}}}}"#
+            ))
+            .unwrap()
+        };
+        for (extra, bound) in [
+            ("", 4096),
+            (r#","max_tokens":300"#, 300),
+            (r#","max_completion_tokens":500"#, 500),
+            (r#","max_tokens":300,"max_completion_tokens":500"#, 500),
+            (r#","max_tokens":null"#, 4096),
+        ] {
+            let up = line(extra).upstream_request(4096, true);
+            assert!(up.body.get("max_tokens").is_none(), "{extra}: {:?}", up.body);
+            assert_eq!(up.body["max_completion_tokens"], bound, "{extra}");
+            assert_eq!(up.max_completion_tokens, bound, "{extra}");
+        }
+        // Other models keep what the producer wrote.
+        let up = line(r#","max_completion_tokens":500"#).upstream_request(4096, false);
+        assert!(up.body.get("max_tokens").is_none());
+        assert_eq!(up.max_completion_tokens, 500);
+        let up = line(r#","max_tokens":300,"max_completion_tokens":500"#).upstream_request(4096, false);
+        assert_eq!(
+            (up.body["max_tokens"].as_u64(), up.max_completion_tokens),
+            (Some(300), 500)
+        );
     }
 
     #[test]

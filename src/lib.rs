@@ -15,6 +15,7 @@ pub mod redact;
 pub mod store;
 pub mod tokens;
 pub mod upstream;
+pub mod usage;
 pub mod worker;
 
 /// Picks rustls' ring provider once per process (several crates link rustls

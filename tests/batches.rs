@@ -66,6 +66,8 @@ fn billed(calls: &[CallRecord]) -> Decimal {
                 prompt_tokens: c.prompt_tokens,
                 completion_tokens: c.completion_tokens,
                 cached_tokens: c.cached_tokens,
+                cache_write_tokens: c.cache_write_tokens,
+                reasoning_tokens: c.reasoning_tokens,
             })
         })
         .sum()
@@ -185,8 +187,8 @@ async fn a_capped_batch_never_spends_past_its_cap_and_waits_while_others_finish(
         .iter()
         .map(|l| {
             let job = sheepdog::job::Job::from_value(l.clone()).unwrap();
-            let body = job.upstream_body(4096);
-            let prompt = sheepdog::tokens::prompt_reservation(MODEL, sheepdog::tokens::prompt_tokens(&body));
+            let request = job.upstream_request(4096, false);
+            let prompt = sheepdog::tokens::prompt_reservation(MODEL, sheepdog::tokens::prompt_tokens(&request.body));
             prices.get(MODEL).unwrap().worst_case(prompt, 20)
         })
         .max()

@@ -191,6 +191,8 @@ async fn two_workers_with_a_total_budget_in_their_env_never_spend_past_it() {
                 prompt_tokens: c.prompt_tokens,
                 completion_tokens: c.completion_tokens,
                 cached_tokens: c.cached_tokens,
+                cache_write_tokens: c.cache_write_tokens,
+                reasoning_tokens: c.reasoning_tokens,
             })
         })
         .sum();

@@ -80,6 +80,8 @@ async fn a_batch_goes_through_with_one_result_per_job_and_exact_cost() {
             prompt_tokens: rec.prompt_tokens,
             completion_tokens: rec.completion_tokens,
             cached_tokens: rec.cached_tokens,
+            cache_write_tokens: rec.cache_write_tokens,
+            reasoning_tokens: rec.reasoning_tokens,
         };
         let expected = prices.get(model).unwrap().cost(&usage);
         assert_eq!(*cost, expected, "cost of {custom_id}");

@@ -219,6 +219,12 @@ pub fn details(b: &BatchObject) -> String {
     let mut o = format!("batch {}\n", b.id);
     for (k, v) in rows {
         o.push_str(&format!("  {k:<20} {v:>19}\n"));
+        if k == "cost (USD)" {
+            if let (Some(charged), Some(currency)) = (b.cost_charged, &b.currency) {
+                let k = format!("charged ({currency})");
+                o.push_str(&format!("  {k:<20} {:>19}\n", charged.normalize()));
+            }
+        }
     }
     if let Some(t) = b.completed_at {
         o.push_str(&format!("  {:<20} {:>19}\n", "ended (UTC)", when(Some(t))));

@@ -189,8 +189,12 @@ pub async fn build_worker(
         tracing::info!(?changes, "shared limits set from this replica's settings");
     }
     let prices = PriceTable::load(args.prices.as_deref())?;
+    let currency = prices.currency();
+    if crate::store::currency::record(&pool, &currency.code, currency.per_usd).await? {
+        tracing::info!(currency = %currency.code, per_usd = %currency.per_usd, "the account's currency from this replica's price file");
+    }
     let client = Client::new(upstream, args.concurrency as usize)?;
-    let replica = crate::store::liveness::register(&pool, &name).await?;
+    let replica = crate::store::liveness::register(&pool, &name, args.concurrency).await?;
     Ok(Worker::new(
         pool,
         crate::store::connect_options(database_url)?,

@@ -47,7 +47,18 @@ fn csv_field(s: &str) -> String {
     }
 }
 
-/// Renders the rows and their total.
+/// What the rows were charged, by currency (one entry unless the rate changed to another
+/// currency within them).
+fn charged_by_currency(rows: &[CostRow]) -> std::collections::BTreeMap<&str, Decimal> {
+    let mut by = std::collections::BTreeMap::new();
+    for r in rows {
+        *by.entry(r.currency.as_str()).or_insert(Decimal::ZERO) += r.cost_charged;
+    }
+    by
+}
+
+/// Renders the rows and their total. The charged columns show in the table only when the
+/// account is charged other than USD one for one; CSV and JSON always carry them.
 pub fn render(rows: &[CostRow], format: Format) -> String {
     let total_cost: Decimal = rows.iter().map(|r| r.cost_usd).sum();
     let total = |f: fn(&CostRow) -> i64| rows.iter().map(f).sum::<i64>();
@@ -56,55 +67,97 @@ pub fn render(rows: &[CostRow], format: Format) -> String {
         total(|r| r.prompt_tokens),
         total(|r| r.completion_tokens),
     );
+    let charged = charged_by_currency(rows);
+    let show_charged = rows.iter().any(|r| r.currency != "USD" || r.cost_charged != r.cost_usd);
     match format {
         Format::Json => {
+            let charged: serde_json::Map<String, serde_json::Value> = charged
+                .iter()
+                .map(|(c, v)| (c.to_string(), json!(v.normalize().to_string())))
+                .collect();
             let v = json!({"rows": rows, "total": {"calls": calls, "prompt_tokens": prompt,
-                "completion_tokens": completion, "cost_usd": total_cost.normalize().to_string()}});
+                "completion_tokens": completion, "cost_usd": total_cost.normalize().to_string(),
+                "charged": charged}});
             serde_json::to_string_pretty(&v).unwrap() + "\n"
         }
         Format::Csv => {
-            let mut o = String::from("day,model,batch_id,calls,prompt_tokens,completion_tokens,cost_usd\n");
+            let mut o = String::from(
+                "day,model,batch_id,calls,prompt_tokens,completion_tokens,cost_usd,cost_charged,currency\n",
+            );
             for r in rows {
                 o.push_str(&format!(
-                    "{},{},{},{},{},{},{}\n",
+                    "{},{},{},{},{},{},{},{},{}\n",
                     r.day,
                     csv_field(&r.model),
                     csv_field(&r.batch_id),
                     r.calls,
                     r.prompt_tokens,
                     r.completion_tokens,
-                    r.cost_usd.normalize()
+                    r.cost_usd.normalize(),
+                    r.cost_charged.normalize(),
+                    r.currency
                 ));
             }
             o
         }
         Format::Table => {
+            let charged_cell = |amount: Decimal, currency: &str| {
+                if show_charged {
+                    format!(" {:>20}", format!("{} {currency}", amount.normalize()))
+                } else {
+                    String::new()
+                }
+            };
             let mut o = format!(
-                "{:<10}  {:<20} {:<28} {:>7} {:>12} {:>12} {:>16}\n",
-                "day", "model", "batch", "calls", "prompt", "completion", "cost (USD)"
+                "{:<10}  {:<20} {:<28} {:>7} {:>12} {:>12} {:>16}{}\n",
+                "day",
+                "model",
+                "batch",
+                "calls",
+                "prompt",
+                "completion",
+                "cost (USD)",
+                if show_charged {
+                    format!(" {:>20}", "charged")
+                } else {
+                    String::new()
+                }
             );
             for r in rows {
                 o.push_str(&format!(
-                    "{:<10}  {:<20} {:<28} {:>7} {:>12} {:>12} {:>16}\n",
+                    "{:<10}  {:<20} {:<28} {:>7} {:>12} {:>12} {:>16}{}\n",
                     r.day.to_string(),
                     r.model,
                     r.batch_id,
                     r.calls,
                     r.prompt_tokens,
                     r.completion_tokens,
-                    r.cost_usd.normalize()
+                    r.cost_usd.normalize(),
+                    charged_cell(r.cost_charged, &r.currency)
                 ));
             }
-            o.push_str(&format!(
-                "{:<10}  {:<20} {:<28} {:>7} {:>12} {:>12} {:>16}\n",
-                "total",
-                "",
-                "",
-                calls,
-                prompt,
-                completion,
-                total_cost.normalize()
-            ));
+            let mut totals: Vec<(&str, Decimal)> = charged.into_iter().collect();
+            if totals.is_empty() {
+                totals.push(("USD", Decimal::ZERO));
+            }
+            for (i, (currency, amount)) in totals.into_iter().enumerate() {
+                let first = i == 0;
+                o.push_str(&format!(
+                    "{:<10}  {:<20} {:<28} {:>7} {:>12} {:>12} {:>16}{}\n",
+                    if first { "total" } else { "" },
+                    "",
+                    "",
+                    if first { calls.to_string() } else { String::new() },
+                    if first { prompt.to_string() } else { String::new() },
+                    if first { completion.to_string() } else { String::new() },
+                    if first {
+                        total_cost.normalize().to_string()
+                    } else {
+                        String::new()
+                    },
+                    charged_cell(amount, currency)
+                ));
+            }
             o
         }
     }

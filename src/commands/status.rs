@@ -115,6 +115,15 @@ pub async fn render_status(pool: &PgPool, s: &BatchStatus) -> anyhow::Result<Str
         ("prompt tokens", s.prompt_tokens.to_string()),
         ("completion tokens", s.completion_tokens.to_string()),
         ("cost (USD)", s.cost_usd.normalize().to_string()),
+    ];
+    for (k, v) in rows {
+        writeln!(o, "  {k:<18} {v:>16}")?;
+    }
+    if s.currency != "USD" || s.cost_charged != s.cost_usd {
+        let k = format!("charged ({})", s.currency);
+        writeln!(o, "  {k:<18} {:>16}", s.cost_charged.normalize())?;
+    }
+    let rows = [
         ("latency p50", ms(s.p50_latency_ms)),
         ("latency p95", ms(s.p95_latency_ms)),
         ("latency p99", ms(s.p99_latency_ms)),

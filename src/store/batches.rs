@@ -321,6 +321,14 @@ pub struct BatchObject {
     pub calls: i64,
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
+    /// What the account was charged for the settled calls, in `currency` (contract §3): filled
+    /// by [`show`] where the account is charged other than USD one for one.
+    #[sqlx(skip)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost_charged: Option<Decimal>,
+    #[sqlx(skip)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
 }
 
 /// `request_counts` as the OpenAI Batch object has it.
@@ -378,12 +386,20 @@ async fn objects(
     Ok(sqlx::query_as(OBJECT_QUERY).bind(ids).fetch_all(&mut **tx).await?)
 }
 
-/// One batch, or none.
+/// One batch, or none; with what it was charged where the account's currency is not USD.
 pub async fn show(pool: &PgPool, batch_id: &str) -> Result<Option<BatchObject>, StoreError> {
-    Ok(sqlx::query_as(OBJECT_QUERY)
+    let found: Option<BatchObject> = sqlx::query_as(OBJECT_QUERY)
         .bind(vec![batch_id.to_string()])
         .fetch_optional(pool)
-        .await?)
+        .await?;
+    let Some(mut o) = found else {
+        return Ok(None);
+    };
+    if let Some((currency, charged)) = super::currency::batch_charged(pool, batch_id).await? {
+        o.cost_charged = Some(charged);
+        o.currency = Some(currency);
+    }
+    Ok(Some(o))
 }
 
 /// Batches, newest first: `limit` of them from `offset`, those with `status` if given. Reads

@@ -22,10 +22,11 @@ fn lock_key(id: i64) -> i32 {
 }
 
 /// Registers a replica; returns its id.
-pub async fn register(pool: &PgPool, name: &str) -> Result<i64, StoreError> {
+pub async fn register(pool: &PgPool, name: &str, concurrency: u16) -> Result<i64, StoreError> {
     Ok(
-        sqlx::query_scalar("INSERT INTO sheepdog.replicas (name) VALUES ($1) RETURNING id")
+        sqlx::query_scalar("INSERT INTO sheepdog.replicas (name, concurrency) VALUES ($1, $2) RETURNING id")
             .bind(name)
+            .bind(i32::from(concurrency))
             .fetch_one(pool)
             .await?,
     )

@@ -4,6 +4,7 @@
 
 pub mod batcher;
 pub mod batches;
+pub mod currency;
 pub mod dashboard;
 pub mod dispatch;
 pub mod intake;

@@ -26,6 +26,9 @@ pub struct BatchStatus {
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
     pub cost_usd: Decimal,
+    /// What the account was charged, in `currency` (the cost in USD, where it is charged in USD).
+    pub cost_charged: Decimal,
+    pub currency: String,
     pub p50_latency_ms: Option<f64>,
     pub p95_latency_ms: Option<f64>,
     pub p99_latency_ms: Option<f64>,
@@ -70,6 +73,8 @@ pub async fn batch_status(pool: &PgPool, batch_id: &str) -> Result<BatchStatus, 
             prompt_tokens: 0,
             completion_tokens: 0,
             cost_usd: Decimal::ZERO,
+            cost_charged: Decimal::ZERO,
+            currency: "USD".into(),
             p50_latency_ms: None,
             p95_latency_ms: None,
             p99_latency_ms: None,
@@ -94,6 +99,8 @@ pub async fn batch_status(pool: &PgPool, batch_id: &str) -> Result<BatchStatus, 
         prompt_tokens: o.prompt_tokens,
         completion_tokens: o.completion_tokens,
         cost_usd: o.cost_usd,
+        cost_charged: o.cost_charged.unwrap_or(o.cost_usd),
+        currency: o.currency.clone().unwrap_or_else(|| "USD".into()),
         p50_latency_ms: p50,
         p95_latency_ms: p95,
         p99_latency_ms: p99,
@@ -244,6 +251,9 @@ pub struct CostRow {
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
     pub cost_usd: Decimal,
+    /// What the account was charged, in `currency` (contract §3).
+    pub cost_charged: Decimal,
+    pub currency: String,
 }
 
 /// `sheepdog.cost_daily` between two UTC days (both included), optionally for one batch.
@@ -254,11 +264,11 @@ pub async fn cost_report(
     batch: Option<&str>,
 ) -> sqlx::Result<Vec<CostRow>> {
     sqlx::query_as(
-        r#"SELECT day, model, batch_id, calls, prompt_tokens, completion_tokens, cost_usd
+        r#"SELECT day, model, batch_id, calls, prompt_tokens, completion_tokens, cost_usd, cost_charged, currency
              FROM sheepdog.cost_daily
             WHERE ($1::date IS NULL OR day >= $1) AND ($2::date IS NULL OR day <= $2)
               AND ($3::text IS NULL OR batch_id = $3)
-            ORDER BY day, model, batch_id"#,
+            ORDER BY day, model, batch_id, currency"#,
     )
     .bind(since)
     .bind(until)

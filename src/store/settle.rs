@@ -60,6 +60,8 @@ pub struct Settlement {
     pub prompt_tokens: Option<i64>,
     pub completion_tokens: Option<i64>,
     pub cached_tokens: Option<i64>,
+    pub cache_write_tokens: Option<i64>,
+    pub reasoning_tokens: Option<i64>,
     pub cost_usd: Decimal,
     pub error: Option<String>,
     pub upstream_request_id: Option<String>,
@@ -92,6 +94,8 @@ pub async fn settle(pool: &PgPool, items: Vec<Settlement>) -> Result<Vec<()>, St
     let mut prompts = Vec::with_capacity(n);
     let mut completions = Vec::with_capacity(n);
     let mut cached = Vec::with_capacity(n);
+    let mut written = Vec::with_capacity(n);
+    let mut reasoning = Vec::with_capacity(n);
     let mut costs = Vec::with_capacity(n);
     let mut errors = Vec::with_capacity(n);
     let mut request_ids = Vec::with_capacity(n);
@@ -112,6 +116,8 @@ pub async fn settle(pool: &PgPool, items: Vec<Settlement>) -> Result<Vec<()>, St
         prompts.push(s.prompt_tokens);
         completions.push(s.completion_tokens);
         cached.push(s.cached_tokens);
+        written.push(s.cache_write_tokens);
+        reasoning.push(s.reasoning_tokens);
         costs.push(s.cost_usd);
         errors.push(s.error.as_deref());
         request_ids.push(s.upstream_request_id.as_deref());
@@ -135,14 +141,15 @@ pub async fn settle(pool: &PgPool, items: Vec<Settlement>) -> Result<Vec<()>, St
             SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[],
                                  $7::int[], $8::bigint[], $9::bigint[], $10::bigint[], $11::numeric[],
                                  $12::text[], $13::text[], $14::text[], $15::int[], $16::jsonb[], $17::jsonb[],
-                                 $18::bigint[], $19::text[])
+                                 $18::bigint[], $19::text[], $20::bigint[], $21::bigint[])
                 AS t(call_id, batch_id, custom_id, model, replica, outcome, status_code, prompt_tokens,
                      completion_tokens, cached_tokens, cost_usd, error, request_id, fate, latency_ms,
-                     response, job_error, retry_ms, dead_reason)
+                     response, job_error, retry_ms, dead_reason, cache_write_tokens, reasoning_tokens)
         ), call AS (
             UPDATE sheepdog.calls c
                SET outcome = s.outcome, status_code = s.status_code, prompt_tokens = s.prompt_tokens,
                    completion_tokens = s.completion_tokens, cached_tokens = s.cached_tokens,
+                   cache_write_tokens = s.cache_write_tokens, reasoning_tokens = s.reasoning_tokens,
                    cost_usd = s.cost_usd, error = s.error, upstream_request_id = s.request_id,
                    finished_at = now()
               FROM s
@@ -255,6 +262,8 @@ pub async fn settle(pool: &PgPool, items: Vec<Settlement>) -> Result<Vec<()>, St
     .bind(&job_errors)
     .bind(&retry_ms)
     .bind(&dead)
+    .bind(&written)
+    .bind(&reasoning)
     .execute(pool)
     .await?;
     Ok(vec![(); n])

@@ -50,7 +50,7 @@ pub fn classify(status: u16, headers: &HeaderMap, body: &Value) -> Verdict {
     };
     match status {
         200..=299 => {
-            if body.get("usage").and_then(|u| u.get("prompt_tokens")).is_some() {
+            if crate::usage::Usage::from_response(body).is_some() {
                 Verdict::Ok
             } else {
                 Verdict::Transient {

@@ -13,6 +13,11 @@
 //! `x-ratelimit-{limit,remaining,reset}-requests` as OpenAI sends them. `models` overrides any of
 //! this per model, so a test can break one model and not another.
 //!
+//! `usage` comes in each vendor's own shape ([`UsageShape`]), chosen by the model's name unless
+//! set (`usage_shape`, for all or per model), with cache reads, cache writes and reasoning tokens
+//! as asked; OpenAI's reasoning models answer `400 unsupported_parameter` to `max_tokens`, as
+//! the real API does.
+//!
 //! A user message containing `[mock:400]`, `[mock:401]`, `[mock:404]`,
 //! `[mock:422]`, `[mock:429]`, `[mock:500]` or `[mock:hang]` gets that answer,
 //! whatever the mode, so one job of a batch can be made to fail.
@@ -50,6 +55,52 @@ pub enum MockMode {
     Overloaded,
 }
 
+/// How `usage` is written, as each vendor's API (or an OpenAI-shaped gateway in front of it)
+/// writes it. See `crate::usage` for how sheepdog reads each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum UsageShape {
+    /// `prompt_tokens_details.cached_tokens`, `completion_tokens_details.reasoning_tokens`.
+    Openai,
+    /// `prompt_cache_hit_tokens` / `prompt_cache_miss_tokens` (no `prompt_tokens_details`).
+    Deepseek,
+    /// OpenAI's fields plus Anthropic's `cache_creation_input_tokens` and `cache_read_input_tokens`.
+    Anthropic,
+    /// Anthropic's own: `input_tokens` (the uncached part only), `output_tokens`, cache fields.
+    AnthropicNative,
+    /// Thoughts beside the output: `completion_tokens` leaves them out, `total_tokens` counts them.
+    Gemini,
+}
+
+impl UsageShape {
+    /// The shape a model's vendor answers in, by its name.
+    pub fn of_model(model: &str) -> UsageShape {
+        if model.starts_with("claude") {
+            UsageShape::Anthropic
+        } else if model.starts_with("gemini") {
+            UsageShape::Gemini
+        } else if model.starts_with("deepseek") {
+            UsageShape::Deepseek
+        } else {
+            UsageShape::Openai
+        }
+    }
+}
+
+/// OpenAI's reasoning models (o-series, gpt-5): they refuse `max_tokens`.
+fn openai_reasoning(model: &str) -> bool {
+    ["o1", "o3", "o4", "gpt-5"].iter().any(|p| {
+        model
+            .strip_prefix(p)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
+    })
+}
+
+/// Models that spend output on reasoning, by name.
+fn reasoning_model(model: &str) -> bool {
+    openai_reasoning(model) || model.contains("reasoner") || model.contains("thinking")
+}
+
 /// What one model does differently from the rest; unset fields follow the main settings.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -61,6 +112,13 @@ pub struct MockModel {
     pub rate_429: Option<f64>,
     /// This model's own sliding-minute limit.
     pub rpm_limit: Option<u64>,
+    /// The shape of its `usage` (default: by the model's name).
+    pub usage_shape: Option<UsageShape>,
+    pub cached_percent: Option<u64>,
+    pub cache_write_percent: Option<u64>,
+    pub reasoning_percent: Option<u64>,
+    /// Answer `max_tokens` with 400 `unsupported_parameter` (default: OpenAI's reasoning models).
+    pub rejects_max_tokens: Option<bool>,
 }
 
 /// What the mock does with each request. Every field can be changed while it runs
@@ -89,6 +147,16 @@ pub struct MockConfig {
     /// Percent of prompt tokens reported as cached.
     #[arg(long, default_value_t = 0)]
     pub cached_percent: u64,
+    /// Percent of prompt tokens reported as written to the cache (where the shape reports writes).
+    #[arg(long, default_value_t = 0)]
+    pub cache_write_percent: u64,
+    /// Percent of completion tokens that are reasoning (default: 50 for reasoning models, by
+    /// name: o-series, gpt-5, `*reasoner*`, `*thinking*`; 0 for the rest).
+    #[arg(long)]
+    pub reasoning_percent: Option<u64>,
+    /// The shape of `usage` for every model (default: each model's vendor's, by its name).
+    #[arg(long, value_enum)]
+    pub usage_shape: Option<UsageShape>,
     /// When set, requests must carry `Authorization: Bearer <this>`.
     #[arg(skip)]
     pub api_key: Option<String>,
@@ -126,6 +194,18 @@ impl MockConfig {
         if let Some(v) = m.rate_429 {
             c.rate_429 = v;
         }
+        if let Some(v) = m.usage_shape {
+            c.usage_shape = Some(v);
+        }
+        if let Some(v) = m.cached_percent {
+            c.cached_percent = v;
+        }
+        if let Some(v) = m.cache_write_percent {
+            c.cache_write_percent = v;
+        }
+        if let Some(v) = m.reasoning_percent {
+            c.reasoning_percent = Some(v);
+        }
         // A model's own limit keeps its own window.
         let window = m.rpm_limit.map(|l| {
             c.rpm_limit = Some(l);
@@ -150,8 +230,18 @@ pub struct CallRecord {
     pub model: String,
     pub request_id: String,
     pub prompt_tokens: u64,
+    /// The whole output, reasoning included: what the call is billed for, whatever the shape.
     pub completion_tokens: u64,
     pub cached_tokens: u64,
+    #[serde(default)]
+    pub cache_write_tokens: u64,
+    #[serde(default)]
+    pub reasoning_tokens: u64,
+    /// The request's `max_tokens` and `max_completion_tokens`, as sent.
+    #[serde(default)]
+    pub max_tokens: Option<u64>,
+    #[serde(default)]
+    pub max_completion_tokens: Option<u64>,
     /// Latency the mock itself added, in milliseconds.
     pub latency_ms: u64,
     /// Whether the request carried a bearer key.
@@ -425,6 +515,10 @@ async fn chat(State(state): State<MockState>, headers: HeaderMap, body: axum::bo
             prompt_tokens: 0,
             completion_tokens: 0,
             cached_tokens: 0,
+            cache_write_tokens: 0,
+            reasoning_tokens: 0,
+            max_tokens: bound_of(&parsed, "max_tokens"),
+            max_completion_tokens: bound_of(&parsed, "max_completion_tokens"),
             latency_ms: 0,
             authorized,
             concurrent,
@@ -446,6 +540,10 @@ async fn chat(State(state): State<MockState>, headers: HeaderMap, body: axum::bo
         prompt_tokens: 0,
         completion_tokens: 0,
         cached_tokens: 0,
+        cache_write_tokens: 0,
+        reasoning_tokens: 0,
+        max_tokens: bound_of(&parsed, "max_tokens"),
+        max_completion_tokens: bound_of(&parsed, "max_completion_tokens"),
         latency_ms,
         authorized,
         concurrent,
@@ -474,18 +572,17 @@ async fn chat(State(state): State<MockState>, headers: HeaderMap, body: axum::bo
             )
         }
         (StatusCode::OK, Ok(req)) => match completion(req, &model, &config) {
-            Ok((body, usage)) => {
-                record.prompt_tokens = usage.0;
-                record.completion_tokens = usage.1;
-                record.cached_tokens = usage.2;
+            Ok((body, used)) => {
+                record.prompt_tokens = used.prompt_tokens;
+                record.completion_tokens = used.completion_tokens;
+                record.cached_tokens = used.cached_tokens;
+                record.cache_write_tokens = used.cache_write_tokens;
+                record.reasoning_tokens = used.reasoning_tokens;
                 (StatusCode::OK, body)
             }
-            Err(msg) => {
+            Err(body) => {
                 record.status = 400;
-                (
-                    StatusCode::BAD_REQUEST,
-                    error_body(StatusCode::BAD_REQUEST, &msg, "invalid_request_error", None),
-                )
+                (StatusCode::BAD_REQUEST, body)
             }
         },
         (StatusCode::TOO_MANY_REQUESTS, _) => {
@@ -590,26 +687,129 @@ pub fn completion_tokens_for(prompt_tokens: u64, max_tokens: Option<u64>) -> u64
     max_tokens.map_or(natural, |m| natural.min(m))
 }
 
-type UsageTriple = (u64, u64, u64);
+/// A request's `max_tokens` or `max_completion_tokens`, if it sent one.
+fn bound_of(req: &Result<Map<String, Value>, String>, key: &str) -> Option<u64> {
+    req.as_ref().ok()?.get(key)?.as_u64()
+}
 
-fn completion(req: &Map<String, Value>, model: &str, config: &MockConfig) -> Result<(Value, UsageTriple), String> {
+/// What one answer used, in sheepdog's terms (the record the tests price from).
+#[derive(Clone, Copy, Debug, Default)]
+struct Used {
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    cached_tokens: u64,
+    cache_write_tokens: u64,
+    reasoning_tokens: u64,
+}
+
+/// `usage` as the vendor's shape writes it.
+fn usage_json(shape: UsageShape, u: &Used) -> Value {
+    let uncached = u.prompt_tokens - u.cached_tokens - u.cache_write_tokens;
+    match shape {
+        UsageShape::Openai => json!({
+            "prompt_tokens": u.prompt_tokens,
+            "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_tokens, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens, "audio_tokens": 0,
+                                          "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
+        }),
+        UsageShape::Deepseek => {
+            let mut v = json!({
+                "prompt_tokens": u.prompt_tokens,
+                "completion_tokens": u.completion_tokens,
+                "total_tokens": u.prompt_tokens + u.completion_tokens,
+                "prompt_cache_hit_tokens": u.cached_tokens,
+                "prompt_cache_miss_tokens": u.prompt_tokens - u.cached_tokens,
+            });
+            if u.reasoning_tokens > 0 {
+                v["completion_tokens_details"] = json!({"reasoning_tokens": u.reasoning_tokens});
+            }
+            v
+        }
+        UsageShape::Anthropic => json!({
+            "prompt_tokens": u.prompt_tokens,
+            "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+            "cache_creation_input_tokens": u.cache_write_tokens,
+            "cache_read_input_tokens": u.cached_tokens,
+        }),
+        UsageShape::AnthropicNative => json!({
+            "input_tokens": uncached,
+            "output_tokens": u.completion_tokens,
+            "cache_creation_input_tokens": u.cache_write_tokens,
+            "cache_read_input_tokens": u.cached_tokens,
+        }),
+        UsageShape::Gemini => json!({
+            "prompt_tokens": u.prompt_tokens,
+            "completion_tokens": u.completion_tokens - u.reasoning_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+            "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
+        }),
+    }
+}
+
+/// A 400 in OpenAI's error object.
+fn invalid_request(message: &str, param: Option<&str>, code: Option<&str>) -> Value {
+    json!({"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}})
+}
+
+fn completion(req: &Map<String, Value>, model: &str, config: &MockConfig) -> Result<(Value, Used), Value> {
     if model.is_empty() {
-        return Err("you must provide a model parameter".into());
+        return Err(invalid_request(
+            "you must provide a model parameter",
+            Some("model"),
+            None,
+        ));
     }
     if !matches!(req.get("messages"), Some(Value::Array(m)) if !m.is_empty()) {
-        return Err("'messages' must be a non-empty array".into());
+        return Err(invalid_request(
+            "'messages' must be a non-empty array",
+            Some("messages"),
+            None,
+        ));
     }
     if req.get("stream").and_then(Value::as_bool) == Some(true) {
-        return Err("this mock does not stream; send stream: false".into());
+        return Err(invalid_request(
+            "this mock does not stream; send stream: false",
+            Some("stream"),
+            None,
+        ));
+    }
+    let rejects_max_tokens = config
+        .models
+        .get(model)
+        .and_then(|m| m.rejects_max_tokens)
+        .unwrap_or_else(|| openai_reasoning(model));
+    if rejects_max_tokens && req.get("max_tokens").is_some_and(|v| !v.is_null()) {
+        // OpenAI's own words for its reasoning models.
+        return Err(invalid_request(
+            "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.",
+            Some("max_tokens"),
+            Some("unsupported_parameter"),
+        ));
     }
     let prompt = crate::tokens::prompt_tokens(req);
     let max = ["max_completion_tokens", "max_tokens"]
         .iter()
         .find_map(|k| req.get(*k).and_then(Value::as_u64));
     let completion = completion_tokens_for(prompt, max);
-    let cached = prompt * config.cached_percent.min(100) / 100;
     let natural = completion_tokens_for(prompt, None);
-    let content = vec!["mock"; completion as usize].join(" ");
+    let cached = prompt * config.cached_percent.min(100) / 100;
+    let reasoning_percent = config
+        .reasoning_percent
+        .unwrap_or(if reasoning_model(model) { 50 } else { 0 });
+    let used = Used {
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        cached_tokens: cached,
+        cache_write_tokens: (prompt * config.cache_write_percent.min(100) / 100).min(prompt - cached),
+        reasoning_tokens: completion * reasoning_percent.min(100) / 100,
+    };
+    let shape = config.usage_shape.unwrap_or_else(|| UsageShape::of_model(model));
+    let content = vec!["mock"; (completion - used.reasoning_tokens) as usize].join(" ");
     let created = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
@@ -625,14 +825,79 @@ fn completion(req: &Map<String, Value>, model: &str, config: &MockConfig) -> Res
             "logprobs": null,
             "finish_reason": if completion < natural { "length" } else { "stop" },
         }],
-        "usage": {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
-        },
+        "usage": usage_json(shape, &used),
         "system_fingerprint": "fp_sheepdog_mock",
     });
-    Ok((body, (prompt, completion, cached)))
+    Ok((body, used))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(model: &str, extra: Value, config: &MockConfig) -> Result<(Value, Used), Value> {
+        let mut req = json!({"model": model, "messages": [{"role": "user", "content": "Tell me a long story."}]});
+        for (k, v) in extra.as_object().unwrap() {
+            req[k] = v.clone();
+        }
+        completion(req.as_object().unwrap(), model, config)
+    }
+
+    #[test]
+    fn every_shape_reads_back_as_what_was_used() {
+        for shape in [
+            UsageShape::Openai,
+            UsageShape::Deepseek,
+            UsageShape::Anthropic,
+            UsageShape::AnthropicNative,
+            UsageShape::Gemini,
+        ] {
+            let config = MockConfig {
+                usage_shape: Some(shape),
+                cached_percent: 40,
+                cache_write_percent: if matches!(shape, UsageShape::Anthropic | UsageShape::AnthropicNative) {
+                    30
+                } else {
+                    0
+                },
+                reasoning_percent: Some(50),
+                ..Default::default()
+            };
+            let (body, used) = answer("m", json!({"max_tokens": 30}), &config).unwrap();
+            let read = crate::usage::Usage::from_response(&body).unwrap();
+            assert_eq!(
+                (
+                    read.prompt_tokens,
+                    read.completion_tokens,
+                    read.cached_tokens,
+                    read.cache_write_tokens
+                ),
+                (
+                    used.prompt_tokens,
+                    used.completion_tokens,
+                    used.cached_tokens,
+                    used.cache_write_tokens
+                ),
+                "{shape:?}: {}",
+                body["usage"]
+            );
+        }
+    }
+
+    #[test]
+    fn openai_reasoning_models_refuse_max_tokens() {
+        let config = MockConfig::default();
+        let e = answer("o4-mini", json!({"max_tokens": 30}), &config).unwrap_err();
+        assert_eq!(e["error"]["code"], "unsupported_parameter");
+        assert_eq!(e["error"]["param"], "max_tokens");
+        let (body, used) = answer("o4-mini", json!({"max_completion_tokens": 30}), &config).unwrap();
+        assert!(used.reasoning_tokens > 0);
+        assert_eq!(
+            body["usage"]["completion_tokens_details"]["reasoning_tokens"],
+            used.reasoning_tokens
+        );
+        assert!(answer("gpt-4o", json!({"max_tokens": 30}), &config).is_ok());
+        assert!(answer("o4", json!({"max_tokens": 30}), &config).is_err());
+        assert!(answer("omni-x", json!({"max_tokens": 30}), &config).is_ok());
+    }
 }

@@ -10,6 +10,8 @@ fn price() -> Price {
         input: Decimal::from_str("0.000002").unwrap(),
         output: Decimal::from_str("0.000008").unwrap(),
         cache_read: None,
+        cache_write: None,
+        reasoning: false,
     }
 }
 

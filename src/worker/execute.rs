@@ -52,6 +52,8 @@ async fn call(w: &Worker, g: &Granted, replica: i64) -> Result<Settlement, Settl
         prompt_tokens: None,
         completion_tokens: None,
         cached_tokens: None,
+        cache_write_tokens: None,
+        reasoning_tokens: None,
         cost_usd: rust_decimal::Decimal::ZERO,
         error: Some(why.clone()),
         upstream_request_id: None,
@@ -69,8 +71,8 @@ async fn call(w: &Worker, g: &Granted, replica: i64) -> Result<Settlement, Settl
             job.model
         ))
     })?;
-    let body = job.upstream_body(w.args.default_max_tokens);
-    let attempt = w.client.call(&body).await;
+    let request = job.upstream_request(w.args.default_max_tokens, price.reasoning);
+    let attempt = w.client.call(&request.body).await;
     let ctx = Context {
         attempt: g.attempt.max(1) as u32,
         max_attempts: w.args.max_attempts,
@@ -141,6 +143,8 @@ fn settlement(g: &Granted, replica: i64, d: Decision) -> Settlement {
         prompt_tokens: d.ledger.usage.map(|u| u.prompt_tokens as i64),
         completion_tokens: d.ledger.usage.map(|u| u.completion_tokens as i64),
         cached_tokens: d.ledger.usage.map(|u| u.cached_tokens as i64),
+        cache_write_tokens: d.ledger.usage.map(|u| u.cache_write_tokens as i64),
+        reasoning_tokens: d.ledger.usage.map(|u| u.reasoning_tokens as i64),
         cost_usd: d.ledger.cost_usd,
         error: d.ledger.error,
         upstream_request_id: d.ledger.request_id,

@@ -243,9 +243,9 @@ async fn take_in(w: &Worker, delivery: &Delivery, publish_ch: &Channel) -> anyho
         return Ok(());
     };
     // The worst case of one call: reserved from every limit before each attempt.
-    let body = job.upstream_body(w.args.default_max_tokens);
-    let prompt = crate::tokens::prompt_reservation(&job.model, crate::tokens::prompt_tokens(&body));
-    let completion = job.max_tokens().unwrap_or(w.args.default_max_tokens) as u64;
+    let request = job.upstream_request(w.args.default_max_tokens, price.reasoning);
+    let prompt = crate::tokens::prompt_reservation(&job.model, crate::tokens::prompt_tokens(&request.body));
+    let completion = u64::from(request.max_completion_tokens);
     let admission = Admission {
         id: job.id.clone(),
         model: job.model.clone(),

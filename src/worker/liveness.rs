@@ -38,7 +38,7 @@ pub async fn run(w: Arc<Worker>, stop: CancellationToken) {
                     if let Some(l) = line.take() {
                         l.close().await;
                     }
-                    match liveness::register(&w.pool, &w.name).await {
+                    match liveness::register(&w.pool, &w.name, w.args.concurrency).await {
                         Ok(id) => w.metrics.health.set_replica(id),
                         Err(e) => tracing::warn!(error = %e, "cannot register again; retrying"),
                     }
