@@ -75,13 +75,11 @@ pub struct MessageArgs {
     pub max_message_bytes: usize,
 }
 
-/// Settings of one worker replica.
+/// What a job's worst case and cost are computed from (the worker, and `enqueue --dry-run`,
+/// which must price as the workers do).
 #[derive(Args, Clone, Debug)]
-pub struct WorkerArgs {
-    /// Upstream calls in flight on this replica.
-    #[arg(long = "concurrency", env = "SHEEPDOG_CONCURRENCY", default_value_t = 32)]
-    pub concurrency: u16,
-    /// `max_tokens` sent when a job sets none.
+pub struct PricingArgs {
+    /// `max_tokens` (`max_completion_tokens` for reasoning models) sent when a job sets none.
     #[arg(
         long = "default-max-tokens",
         env = "SHEEPDOG_DEFAULT_MAX_TOKENS",
@@ -91,6 +89,16 @@ pub struct WorkerArgs {
     /// Price file in LiteLLM's field names; the built-in table when unset.
     #[arg(long = "prices", env = "SHEEPDOG_PRICES")]
     pub prices: Option<std::path::PathBuf>,
+}
+
+/// Settings of one worker replica.
+#[derive(Args, Clone, Debug)]
+pub struct WorkerArgs {
+    /// Upstream calls in flight on this replica.
+    #[arg(long = "concurrency", env = "SHEEPDOG_CONCURRENCY", default_value_t = 32)]
+    pub concurrency: u16,
+    #[command(flatten)]
+    pub pricing: PricingArgs,
     #[command(flatten)]
     pub message: MessageArgs,
     /// Upstream calls a job may make before it fails.

@@ -4,6 +4,7 @@
 pub mod amqp;
 pub mod commands;
 pub mod config;
+pub mod estimate;
 pub mod health;
 pub mod job;
 pub mod limits;

@@ -276,3 +276,104 @@ async fn the_account_currency_shows_beside_usd() {
     assert!(text.contains("CNY"));
     let _ = std::fs::remove_file(&path);
 }
+
+/// `n` jobs over three vendors' models, the same shape for every batch (prompts of a few
+/// sentences, `max_tokens` 40), told apart by `prefix`.
+fn estimate_lines(n: usize, prefix: &str) -> Vec<Value> {
+    let models = ["gpt-4o-mini", "deepseek-v3.2", "claude-sonnet-4.5"];
+    (0..n)
+        .map(|i| {
+            let text = format!(
+                "{prefix} question {i}: {}",
+                "summarise the history of the harbour town in two lines. ".repeat(i % 4 + 1)
+            );
+            let mut l = job_line(&format!("{prefix}-{i:04}"), models[i % models.len()], &text);
+            l["body"]["max_tokens"] = 40.into();
+            l
+        })
+        .collect()
+}
+
+fn write_lines(env: &TestEnv, name: &str, lines: &[Value]) -> String {
+    let path = std::env::temp_dir().join(format!("{}-{name}.jsonl", env.name));
+    std::fs::write(&path, lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    path.display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dry_run_estimate_matches_what_the_batch_then_costs_and_takes() {
+    let env = TestEnv::new(MockConfig {
+        cached_percent: 20,
+        latency_ms_min: 80,
+        latency_ms_max: 200,
+        ..Default::default()
+    })
+    .await;
+    // Workers first, then the limit, as users do.
+    let _workers = WorkerProcess::start_many(&env, 2, &[]);
+    let out = env.cli(&["limits", "set", "--rpm", "600"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A first batch gives the ledger its history.
+    let first = write_lines(&env, "first", &estimate_lines(150, "first"));
+    let out = env.cli(&["enqueue", &first, "--batch", "first", "--quiet"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    env.wait_batch("first", Duration::from_secs(120)).await;
+
+    // The dry run of a second of the same shape publishes and records nothing.
+    let second = write_lines(&env, "second", &estimate_lines(240, "second"));
+    let calls_before = env.mock.state.call_count();
+    let out = env
+        .cli(&["enqueue", &second, "--batch", "second", "--dry-run", "--json"])
+        .await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 1, "one JSON object on one line: {stdout}");
+    let e: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        env.queue_depth(sheepdog::amqp::JOBS_QUEUE).await,
+        0,
+        "nothing published"
+    );
+    for table in ["jobs", "batches", "calls", "backlog"] {
+        let n = env
+            .count(&format!(
+                "SELECT count(*) FROM sheepdog.{table} WHERE batch_id = 'second'"
+            ))
+            .await;
+        assert_eq!(n, 0, "nothing recorded in {table}");
+    }
+    assert_eq!(env.mock.state.call_count(), calls_before);
+    assert_eq!((e["lines"].as_u64(), e["accepted"].as_u64()), (Some(240), Some(240)));
+    assert_eq!(e["binding_limit"], "* rpm 600", "{e}");
+
+    // Then the real thing.
+    let started = std::time::Instant::now();
+    let out = env.cli(&["enqueue", &second, "--batch", "second", "--quiet"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    env.wait_batch("second", Duration::from_secs(120)).await;
+    let took = started.elapsed().as_secs_f64();
+    let cost: Decimal = sqlx::query_scalar("SELECT sum(cost_usd) FROM sheepdog.llm_calls WHERE batch_id = 'second'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+
+    let expected = Decimal::from_str(e["expected_usd"].as_str().unwrap()).unwrap();
+    let worst = Decimal::from_str(e["worst_case_usd"].as_str().unwrap()).unwrap();
+    let eta = e["eta_seconds"].as_f64().expect("an ETA");
+    let off = |a: f64, b: f64| (a - b).abs() / b;
+    let cost_f: f64 = cost.to_string().parse().unwrap();
+    let expected_f: f64 = expected.to_string().parse().unwrap();
+    println!(
+        "estimate: expected {expected} USD, worst case {worst} USD, ETA {eta} s ({}); real: {cost} USD, {took:.1} s",
+        e["binding_limit"]
+    );
+    println!(
+        "expected off by {:.1}% of the real cost; ETA off by {:.1}% of the real time",
+        off(expected_f, cost_f) * 100.0,
+        off(eta, took) * 100.0
+    );
+    assert!(off(expected_f, cost_f) <= 0.25, "expected within 25% of the real cost");
+    assert!(worst >= cost, "the worst case is never below the real cost");
+    assert!(off(eta, took) <= 0.35, "ETA within 35% of the real time");
+}

@@ -171,6 +171,18 @@ async fn a_running_batchs_progress_moves_on_the_page_without_a_reload() {
         .await
         .unwrap();
     println!("progress on the page: {first} → {second} → {third} of 300, without a reload");
+    // While it runs, the page shows what is left of it: its expected total and time to finish,
+    // here set by the one replica's four calls in flight.
+    assert!(browser.exists("#expected-total").await, "the expected total is shown");
+    let eta = browser
+        .client
+        .find(Locator::Css("#estimate-eta"))
+        .await
+        .expect("the time to finish is shown")
+        .text()
+        .await
+        .unwrap();
+    assert!(eta.contains("workers: 1 replica(s), 4 calls in flight"), "{eta}");
     assert_eq!(mark, json!(42), "the page was not reloaded");
     assert!(third <= 300);
     browser.close().await;

@@ -240,7 +240,7 @@ async fn replay_brings_a_dead_lettered_job_to_succeeded_after_its_cause_is_fixed
     table["brand-new-model"] = serde_json::json!({"input_cost_per_token": 1e-06, "output_cost_per_token": 2e-06});
     std::fs::write(&prices, table.to_string()).unwrap();
     let mut args = env.worker_args();
-    args.prices = Some(prices.clone());
+    args.pricing.prices = Some(prices.clone());
     let w = env.spawn_worker_with("after", args).await;
     let r = sheepdog::commands::dead::replay(&env.pool, &env.amqp_url, Some("late"), usize::MAX)
         .await

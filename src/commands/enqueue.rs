@@ -16,7 +16,7 @@ use serde_json::Value;
 use sqlx::PgPool;
 
 use crate::amqp;
-use crate::config::{AmqpArgs, DbArgs, MessageArgs};
+use crate::config::{AmqpArgs, DbArgs, MessageArgs, PricingArgs};
 use crate::job::{Job, MAX_BATCH_ID_BYTES};
 use crate::store::batches::BatchSettings;
 
@@ -33,6 +33,16 @@ pub struct EnqueueArgs {
     /// The batch's priority, spending cap and completion window.
     #[command(flatten)]
     pub settings: super::batch::SettingsArgs,
+    /// Check every line and print what the batch would cost and when it would be done, at the
+    /// limits in force now; publish nothing, record nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// With --dry-run: print the estimate as one JSON object on one line.
+    #[arg(long, requires = "dry_run")]
+    pub json: bool,
+    /// The price file and default bound, as the workers have them (the estimate prices with them).
+    #[command(flatten)]
+    pub pricing: PricingArgs,
     #[command(flatten)]
     pub message: MessageArgs,
     #[command(flatten)]
@@ -42,7 +52,11 @@ pub struct EnqueueArgs {
 }
 
 /// Publishes the file; exit code 3 when lines were refused, 4 when some were not confirmed.
+/// With `--dry-run`, only the estimate (contract §11).
 pub async fn run(a: EnqueueArgs) -> anyhow::Result<ExitCode> {
+    if a.dry_run {
+        return super::estimate::dry_run(&a).await;
+    }
     let pool = super::open_db(&a.db.database_url).await?;
     let r = enqueue_file(
         &pool,
@@ -101,7 +115,8 @@ pub struct EnqueueReport {
     pub unconfirmed: Vec<u64>,
 }
 
-struct Pending {
+/// A valid line, rendered as the message to publish.
+pub struct Pending {
     line: u64,
     custom_id: String,
     model: String,
@@ -148,24 +163,8 @@ pub async fn enqueue_file(
     opts: &EnqueueOptions<'_>,
 ) -> anyhow::Result<EnqueueReport> {
     let batch_id = opts.batch_id;
-    anyhow::ensure!(
-        !batch_id.is_empty() && batch_id.len() <= MAX_BATCH_ID_BYTES,
-        "--batch must be 1 to {MAX_BATCH_ID_BYTES} bytes"
-    );
-    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let reader = std::io::BufReader::with_capacity(1 << 20, file);
-    let bar = if opts.show_progress {
-        ProgressBar::new(size)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} enqueue [{bar:40}] {bytes}/{total_bytes} {msg} ({eta})")
-            .unwrap()
-            .progress_chars("=> "),
-    );
-
+    let bar = progress_bar(path, opts.show_progress, "enqueue");
+    let lines = Lines::open(path, batch_id, opts.max_message_bytes, &bar)?;
     if !opts.settings.is_empty() {
         crate::store::batches::set(pool, batch_id, &opts.settings)
             .await
@@ -181,35 +180,11 @@ pub async fn enqueue_file(
         opts,
     };
     let mut report = EnqueueReport::default();
-    let mut seen: HashSet<String> = HashSet::new();
     let mut chunk: Vec<Pending> = Vec::with_capacity(CHUNK);
-
-    for (i, line) in reader.split(b'\n').enumerate() {
-        let n = i as u64 + 1;
-        let bytes = line.with_context(|| format!("reading {}", path.display()))?;
-        bar.inc(bytes.len() as u64 + 1);
-        let trimmed = bytes.trim_ascii();
-        if trimmed.is_empty() {
-            continue;
-        }
-        match prepare(trimmed, batch_id, opts.max_message_bytes) {
-            Err(reason) => report.refused.push(Refused { line: n, reason }),
-            Ok(p) => {
-                if !seen.insert(p.1.clone()) {
-                    report.refused.push(Refused {
-                        line: n,
-                        reason: format!("custom_id {:?} appears earlier in the file", p.1),
-                    });
-                    continue;
-                }
-                chunk.push(Pending {
-                    line: n,
-                    custom_id: p.1,
-                    model: p.2,
-                    metadata: p.3,
-                    payload: p.0,
-                });
-            }
+    for line in lines {
+        match line? {
+            Line::Refused(r) => report.refused.push(r),
+            Line::Valid(v) => chunk.push(v.0),
         }
         if chunk.len() >= CHUNK {
             publisher.flush(&mut chunk, &mut report).await?;
@@ -224,10 +199,114 @@ pub async fn enqueue_file(
     Ok(report)
 }
 
-type Prepared = (Vec<u8>, String, String, Option<Value>);
+impl Pending {
+    /// Its line number in the file (1-based).
+    pub fn line(&self) -> u64 {
+        self.line
+    }
+}
+
+/// A bar over the file's bytes (hidden unless `show`).
+pub(crate) fn progress_bar(path: &Path, show: bool, what: &str) -> ProgressBar {
+    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let bar = if show {
+        ProgressBar::new(size)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{spinner}} {what} [{{bar:40}}] {{bytes}}/{{total_bytes}} {{msg}} ({{eta}})"
+        ))
+        .unwrap()
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+/// One line of an input file, checked as `enqueue` checks it.
+pub enum Line {
+    /// Ready to publish, with its job as the worker will read it.
+    Valid(Box<(Pending, Job)>),
+    Refused(Refused),
+}
+
+/// The lines of an input file, each checked against contract §1 and `--batch` (blank lines
+/// skipped, a `custom_id` seen earlier in the file refused), read without holding the file.
+pub struct Lines<'a> {
+    lines: std::iter::Enumerate<std::io::Split<std::io::BufReader<std::fs::File>>>,
+    path: &'a Path,
+    batch_id: &'a str,
+    max_message_bytes: usize,
+    seen: HashSet<String>,
+    bar: &'a ProgressBar,
+}
+
+impl<'a> Lines<'a> {
+    pub fn open(
+        path: &'a Path,
+        batch_id: &'a str,
+        max_message_bytes: usize,
+        bar: &'a ProgressBar,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            !batch_id.is_empty() && batch_id.len() <= MAX_BATCH_ID_BYTES,
+            "--batch must be 1 to {MAX_BATCH_ID_BYTES} bytes"
+        );
+        let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        Ok(Lines {
+            lines: std::io::BufReader::with_capacity(1 << 20, file)
+                .split(b'\n')
+                .enumerate(),
+            path,
+            batch_id,
+            max_message_bytes,
+            seen: HashSet::new(),
+            bar,
+        })
+    }
+}
+
+impl Iterator for Lines<'_> {
+    type Item = anyhow::Result<Line>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let (i, bytes) = self.lines.next()?;
+            let n = i as u64 + 1;
+            let bytes = match bytes.with_context(|| format!("reading {}", self.path.display())) {
+                Ok(b) => b,
+                Err(e) => return Some(Err(e)),
+            };
+            self.bar.inc(bytes.len() as u64 + 1);
+            let trimmed = bytes.trim_ascii();
+            if trimmed.is_empty() {
+                continue;
+            }
+            let line = match prepare(trimmed, self.batch_id, self.max_message_bytes) {
+                Err(reason) => Line::Refused(Refused { line: n, reason }),
+                Ok((_, job)) if !self.seen.insert(job.id.custom_id.clone()) => Line::Refused(Refused {
+                    line: n,
+                    reason: format!("custom_id {:?} appears earlier in the file", job.id.custom_id),
+                }),
+                Ok((payload, job)) => Line::Valid(Box::new((
+                    Pending {
+                        line: n,
+                        custom_id: job.id.custom_id.clone(),
+                        model: job.model.clone(),
+                        metadata: job.metadata.clone(),
+                        payload,
+                    },
+                    job,
+                ))),
+            };
+            return Some(Ok(line));
+        }
+    }
+}
 
 /// Validates a line and renders the message: the line with `batch_id` set.
-fn prepare(line: &[u8], batch_id: &str, max: usize) -> Result<Prepared, String> {
+fn prepare(line: &[u8], batch_id: &str, max: usize) -> Result<(Vec<u8>, Job), String> {
     let mut value: Value = serde_json::from_slice(line).map_err(|e| format!("not valid JSON: {e}"))?;
     if let Value::Object(o) = &mut value {
         match o.get("batch_id") {
@@ -246,7 +325,7 @@ fn prepare(line: &[u8], batch_id: &str, max: usize) -> Result<Prepared, String> 
             payload.len()
         ));
     }
-    Ok((payload, job.id.custom_id, job.model, job.metadata))
+    Ok((payload, job))
 }
 
 impl Publisher<'_> {

@@ -7,6 +7,7 @@ pub mod dashboard;
 pub mod dead;
 pub mod demo;
 pub mod enqueue;
+pub mod estimate;
 pub mod healthcheck;
 pub mod limits;
 pub mod mock;
@@ -188,7 +189,7 @@ pub async fn build_worker(
         crate::limits::apply_all(&pool, &changes).await?;
         tracing::info!(?changes, "shared limits set from this replica's settings");
     }
-    let prices = PriceTable::load(args.prices.as_deref())?;
+    let prices = PriceTable::load(args.pricing.prices.as_deref())?;
     let currency = prices.currency();
     if crate::store::currency::record(&pool, &currency.code, currency.per_usd).await? {
         tracing::info!(currency = %currency.code, per_usd = %currency.per_usd, "the account's currency from this replica's price file");

@@ -7,6 +7,7 @@ pub mod batches;
 pub mod currency;
 pub mod dashboard;
 pub mod dispatch;
+pub mod estimate;
 pub mod intake;
 pub mod liveness;
 pub mod outbox;
@@ -86,6 +87,15 @@ impl Priority {
             Priority::High => "high",
             Priority::Normal => "normal",
             Priority::Low => "low",
+        }
+    }
+
+    /// From its name as batch objects carry it (`high`, `normal`, `low`); `normal` otherwise.
+    pub fn from_name(name: &str) -> Priority {
+        match name {
+            "high" => Priority::High,
+            "low" => Priority::Low,
+            _ => Priority::Normal,
         }
     }
 }

@@ -71,7 +71,7 @@ async fn call(w: &Worker, g: &Granted, replica: i64) -> Result<Settlement, Settl
             job.model
         ))
     })?;
-    let request = job.upstream_request(w.args.default_max_tokens, price.reasoning);
+    let request = job.upstream_request(w.args.pricing.default_max_tokens, price.reasoning);
     let attempt = w.client.call(&request.body).await;
     let ctx = Context {
         attempt: g.attempt.max(1) as u32,

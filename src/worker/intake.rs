@@ -243,7 +243,7 @@ async fn take_in(w: &Worker, delivery: &Delivery, publish_ch: &Channel) -> anyho
         return Ok(());
     };
     // The worst case of one call: reserved from every limit before each attempt.
-    let request = job.upstream_request(w.args.default_max_tokens, price.reasoning);
+    let request = job.upstream_request(w.args.pricing.default_max_tokens, price.reasoning);
     let prompt = crate::tokens::prompt_reservation(&job.model, crate::tokens::prompt_tokens(&request.body));
     let completion = u64::from(request.max_completion_tokens);
     let admission = Admission {

@@ -236,7 +236,15 @@ async fn batch(State(app): State<Arc<App>>, headers: HeaderMap, Path(id): Path<S
         let latency = crate::store::dashboard::latency(&app.pool, &id).await?;
         let failures = crate::store::dashboard::failures(&app.pool, &id, 10).await?;
         let recent = crate::store::dashboard::recent(&app.pool, &id, 10).await?;
-        Ok(pages::batch(&viewer, &b, &models, latency, &failures, &recent).into_response())
+        // What is left of a batch still running: its expected cost and time to finish (§11).
+        let estimate = if matches!(b.status.as_str(), "queued" | "in_progress" | "paused") {
+            let priority = Priority::from_name(&b.priority).level();
+            let cap_left = b.max_cost_usd.map(|c| c - b.cost_usd);
+            Some(crate::estimate::running(&app.pool, &id, priority, cap_left).await?)
+        } else {
+            None
+        };
+        Ok(pages::batch(&viewer, &b, &models, latency, &failures, &recent, estimate.as_ref()).into_response())
     })
     .await
 }

@@ -331,6 +331,7 @@ pub fn batch(
     latency: (Option<f64>, Option<f64>, Option<f64>),
     failures: &[Failure],
     recent: &[RecentJob],
+    estimate: Option<&crate::estimate::Running>,
 ) -> Page {
     let c = &b.request_counts;
     let waiting = (c.total - ended(b) - b.in_flight).max(0);
@@ -347,6 +348,17 @@ pub fn batch(
             (card("in flight", html! { (b.in_flight) }))
             (card("waiting", html! { (waiting) }))
             (card("cost", html! { (money(b.cost_usd)) }))
+            @if let (Some(charged), Some(currency)) = (b.cost_charged, &b.currency) {
+                (card(&format!("charged ({currency})"), html! { span #charged { (charged.round_dp(6).normalize()) } }))
+            }
+            @if let Some(e) = estimate {
+                (card("expected total", html! { span #expected-total title=(e.assumptions.join("; ")) {
+                    (money(b.cost_usd + e.expected_rest_usd)) } " "
+                    span.muted { "(" (money(e.expected_rest_usd)) " for " (e.jobs_left) " left)" } }))
+                (card("ETA at the limits", html! { span #estimate-eta {
+                    @match e.eta.seconds { Some(s) => (crate::estimate::human_duration(s)), None => "–" }
+                    " " span.muted { "(" (e.eta.binding) ")" } } }))
+            }
             (card("priority", html! { span #priority { (b.priority) } }))
             (card("cap", html! { (b.max_cost_usd.map(money).unwrap_or_else(|| "none".into())) }))
             (card("deadline (UTC)", html! { (when(b.expires_at)) }))
