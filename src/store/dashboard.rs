@@ -66,6 +66,10 @@ pub struct Overview {
     pub backlog: i64,
     pub spent_today_usd: Decimal,
     pub batches_active: i64,
+    /// The account's currency now, where one was set (`None`: USD, one for one), and what today's
+    /// calls were charged in it.
+    pub currency: Option<String>,
+    pub charged_today: Decimal,
 }
 
 pub async fn overview(pool: &PgPool) -> Result<Overview, StoreError> {
@@ -80,7 +84,11 @@ pub async fn overview(pool: &PgPool) -> Result<Overview, StoreError> {
                    FROM sheepdog.calls WHERE started_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')
                     AS spent_today_usd,
                 (SELECT count(*) FROM sheepdog.batches WHERE finished_at IS NULL AND control <> 'cancelled')
-                    AS batches_active",
+                    AS batches_active,
+                cur.currency,
+                (SELECT coalesce(sum(d.cost_charged), 0) FROM sheepdog.cost_daily d
+                  WHERE d.day = (now() AT TIME ZONE 'UTC')::date AND d.currency = cur.currency) AS charged_today
+           FROM (SELECT (SELECT currency FROM sheepdog.account_currency ORDER BY since DESC LIMIT 1) AS currency) cur",
     )
     .fetch_one(pool)
     .await?)

@@ -224,6 +224,9 @@ pub fn overview(
             (card("intake queue (RabbitMQ)", depth(intake)))
             (card("dead letters", html! { span #dead-depth { (depth(dead)) } }))
             (card("spent today (UTC)", html! { (money(o.spent_today_usd)) }))
+            @if let Some(currency) = o.currency.as_ref().filter(|c| c.as_str() != "USD") {
+                (card(&format!("charged today ({currency})"), html! { span #charged-today { (o.charged_today.round_dp(6).normalize()) } }))
+            }
             @if let Some(u) = star {
                 @if let Some(b) = u.budget_usd {
                     (card(&format!("budget per {} ({})", u.budget_period, u.budget_period_key),
