@@ -4,6 +4,7 @@
 pub mod amqp;
 pub mod commands;
 pub mod config;
+pub mod dead;
 pub mod health;
 pub mod job;
 pub mod limits;
@@ -15,6 +16,7 @@ pub mod redact;
 pub mod store;
 pub mod tokens;
 pub mod upstream;
+pub mod web;
 pub mod worker;
 
 /// Picks rustls' ring provider once per process (several crates link rustls

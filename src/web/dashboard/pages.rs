@@ -10,7 +10,7 @@ use rust_decimal::Decimal;
 
 use super::auth::Viewer;
 use super::chart;
-use crate::commands::dead::DeadLetter;
+use crate::dead::DeadLetter;
 use crate::limits::ScopeUsage;
 use crate::store::batches::BatchObject;
 use crate::store::dashboard::{Breaker, Failure, MinuteCount, Overview, RecentJob, ScopeMinute};
