@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod money;
 pub mod plan;
 pub mod prices;
+pub mod publish;
 pub mod redact;
 pub mod store;
 pub mod tokens;
