@@ -88,6 +88,12 @@ impl<F: Face> WebError<F> {
     }
 }
 
+impl<F: Face> std::fmt::Debug for WebError<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.problem.fmt(f)
+    }
+}
+
 impl<F: Face> From<Problem> for WebError<F> {
     fn from(p: Problem) -> Self {
         WebError::new(p)

@@ -5,6 +5,7 @@
 //! face renders it its own way) and who is asking (`auth.rs`: producer keys; the dashboard's
 //! sign-in sits with the dashboard). `commands/` only parses settings and calls in here.
 
+pub mod api;
 pub mod auth;
 pub mod dashboard;
 pub mod error;
