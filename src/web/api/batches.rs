@@ -75,7 +75,8 @@ pub fn object(a: &ApiBatch, o: Option<&BatchObject>) -> Value {
         "status": status,
         "output_file_id": a.output_file_id,
         "error_file_id": a.error_file_id,
-        "created_at": a.created_at.timestamp(),
+        // The sheepdog batch's (made in the same transaction), rounded as its `expires_at` is.
+        "created_at": o.map_or(a.created_at.timestamp(), |o| o.created_at),
         "in_progress_at": ts(a.in_progress_at),
         "expires_at": o.and_then(|o| o.expires_at),
         "finalizing_at": ts(a.finalizing_at),

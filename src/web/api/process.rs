@@ -34,7 +34,7 @@ const RENEW: Duration = Duration::from_secs(2);
 /// Errors kept in `errors.data` (the first ones; the message says how many there were).
 const MAX_ERRORS: usize = 1000;
 /// Lines published per round of confirms.
-const PUBLISH_CHUNK: usize = 2000;
+const PUBLISH_CHUNK: usize = 500;
 /// An upload whose client (or API process) went away is deleted after this long untouched.
 const STALE_UPLOAD: Duration = Duration::from_secs(600);
 
