@@ -4,6 +4,7 @@
 pub mod amqp;
 pub mod commands;
 pub mod config;
+pub mod dead;
 pub mod estimate;
 pub mod health;
 pub mod job;
@@ -12,11 +13,13 @@ pub mod metrics;
 pub mod money;
 pub mod plan;
 pub mod prices;
+pub mod publish;
 pub mod redact;
 pub mod store;
 pub mod tokens;
 pub mod upstream;
 pub mod usage;
+pub mod web;
 pub mod worker;
 
 /// Picks rustls' ring provider once per process (several crates link rustls

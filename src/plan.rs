@@ -117,6 +117,18 @@ pub struct Candidate {
     pub cost: Decimal,
     /// What is left of its batch's spending cap, if the batch has one.
     pub batch_cap_left: Option<Decimal>,
+    /// Its producer key's spending cap, if its batch came through the Batch API from a capped key.
+    pub key_cap: Option<KeyCap>,
+}
+
+/// What is left of a producer key's spending cap (a budget shared by the key's batches).
+#[derive(Clone, Debug, PartialEq)]
+pub struct KeyCap {
+    /// `key:<name>`.
+    pub scope: String,
+    /// The cap's period key (`2026-11-26`, `2026-11`, `total`).
+    pub period_key: String,
+    pub left: Decimal,
 }
 
 /// Why calls of a scope cannot go now.
@@ -233,6 +245,8 @@ pub struct Planner {
     models: HashMap<String, Live>,
     /// Cost reserved under each capped batch's cap by this plan.
     caps: HashMap<String, Decimal>,
+    /// Cost reserved under each capped key's cap by this plan: (period key, amount).
+    key_caps: HashMap<String, (String, Decimal)>,
 }
 
 impl Planner {
@@ -278,6 +292,7 @@ impl Planner {
             global,
             models,
             caps: HashMap::new(),
+            key_caps: HashMap::new(),
         }
     }
 
@@ -360,6 +375,11 @@ impl Planner {
                 plan.reserved.push((batch_cap_scope(batch), "total".into(), *taken));
             }
         }
+        for (scope, (period_key, taken)) in &self.key_caps {
+            if !taken.is_zero() {
+                plan.reserved.push((scope.clone(), period_key.clone(), *taken));
+            }
+        }
         plan.levels.sort_by(|a, b| a.scope.cmp(&b.scope));
         plan.slot_tokens.sort();
         plan.reserved.sort();
@@ -437,6 +457,12 @@ impl Planner {
                 return Err(Stop::Job);
             }
         }
+        if let Some(k) = &c.key_cap {
+            let used = self.key_caps.get(&k.scope).map(|u| u.1).unwrap_or_default();
+            if used + c.cost > k.left {
+                return Err(Stop::Job);
+            }
+        }
         let mut grant = Grant {
             batch_id: c.batch_id.clone(),
             custom_id: c.custom_id.clone(),
@@ -458,6 +484,14 @@ impl Planner {
                 .budget_keys
                 .push(format!("{}|total", batch_cap_scope(&c.batch_id)));
         }
+        if let Some(k) = &c.key_cap {
+            let used = self
+                .key_caps
+                .entry(k.scope.clone())
+                .or_insert_with(|| (k.period_key.clone(), Decimal::ZERO));
+            used.1 += c.cost;
+            grant.budget_keys.push(format!("{}|{}", k.scope, k.period_key));
+        }
         Ok(grant)
     }
 }
@@ -467,7 +501,7 @@ enum Stop {
     Global,
     /// Nothing more of this model.
     Lane,
-    /// Not this job (its batch's cap); others may go.
+    /// Not this job (its batch's or its key's cap); others may go.
     Job,
 }
 
@@ -704,6 +738,7 @@ mod tests {
             tokens,
             cost: d("0.01"),
             batch_cap_left: None,
+            key_cap: None,
         }
     }
 
@@ -886,5 +921,49 @@ mod tests {
         assert!(p.reserved.contains(&("batch:capped".into(), "total".into(), d("0.02"))));
         let g = p.grants.iter().find(|g| g.batch_id == "capped").unwrap();
         assert_eq!(g.budget_keys, vec!["batch:capped|total".to_string()]);
+    }
+
+    #[test]
+    fn a_keys_batches_together_stay_within_the_keys_cap() {
+        let cap = |left: &str| {
+            Some(KeyCap {
+                scope: "key:alice".into(),
+                period_key: "2026-11-26".into(),
+                left: d(left),
+            })
+        };
+        // Two batches of one key, a third key-less batch: 0.035 left fits three 0.01 worst cases
+        // between the key's two batches, whichever they are.
+        let mut jobs: Vec<Candidate> = Vec::new();
+        for b in ["a1", "a2"] {
+            jobs.extend((0..4).map(|i| Candidate {
+                key_cap: cap("0.035"),
+                ..job(b, i, "m", 10)
+            }));
+        }
+        jobs.extend((0..2).map(|i| job("other", i, "m", 10)));
+        let p = plan(0.0, scope(ALL), vec![], &[], jobs, 20);
+        let of_key = p.grants.iter().filter(|g| g.batch_id != "other").count();
+        assert_eq!(of_key, 3);
+        assert_eq!(p.grants.iter().filter(|g| g.batch_id == "other").count(), 2);
+        assert!(p
+            .reserved
+            .contains(&("key:alice".into(), "2026-11-26".into(), d("0.03"))));
+        let g = p.grants.iter().find(|g| g.batch_id == "a1").unwrap();
+        assert_eq!(g.budget_keys, vec!["key:alice|2026-11-26".to_string()]);
+        // A batch cap and a key cap both hold: the tighter one decides.
+        let jobs: Vec<Candidate> = (0..4)
+            .map(|i| Candidate {
+                key_cap: cap("1"),
+                batch_cap_left: Some(d("0.015")),
+                ..job("a3", i, "m", 10)
+            })
+            .collect();
+        let p = plan(0.0, scope(ALL), vec![], &[], jobs, 20);
+        assert_eq!(p.grants.len(), 1);
+        assert_eq!(
+            p.grants[0].budget_keys,
+            vec!["batch:a3|total".to_string(), "key:alice|2026-11-26".to_string()]
+        );
     }
 }

@@ -7,6 +7,7 @@ use clap::{Args, Subcommand};
 use rust_decimal::Decimal;
 
 use crate::config::DbArgs;
+pub use crate::store::batches::parse_window;
 use crate::store::batches::{self, BatchObject, BatchSettings};
 use crate::store::Priority;
 
@@ -36,35 +37,12 @@ impl SettingsArgs {
     }
 }
 
-/// `90s`, `30m`, `24h`, `2d`, or a number of seconds.
-pub fn parse_window(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => (&s[..i], &s[i..]),
-        None => (s, "s"),
-    };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 90s, 30m, 24h or 2d"))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        "d" => n * 86_400.0,
-        _ => return Err(format!("{s:?}: the unit is s, m, h or d")),
-    };
-    if !(secs.is_finite() && secs > 0.0) {
-        return Err(format!("{s:?} must be longer than zero"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
 #[derive(Subcommand)]
 pub enum BatchAction {
     /// Every batch: status, counts, cost, priority, cap, deadline.
     List {
         /// Only batches in this status.
-        #[arg(long, value_parser = ["queued", "in_progress", "paused", "cancelling", "cancelled", "expired", "completed"])]
+        #[arg(long, value_parser = ["validating", "queued", "in_progress", "paused", "cancelling", "cancelled", "expired", "completed", "failed"])]
         status: Option<String>,
         #[arg(long, default_value_t = 100)]
         limit: i64,

@@ -1,23 +1,21 @@
 //! `sheepdog enqueue FILE.jsonl --batch ID`: streams an OpenAI Batch input file
-//! to `sheepdog.jobs` with publisher confirms.
+//! to `sheepdog.jobs` with publisher confirms (`publish`: the validation and the publishing
+//! path it shares with the Batch API).
 
 use std::collections::HashSet;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use lapin::Channel;
 use secrecy::SecretString;
-use serde_json::Value;
 use sqlx::PgPool;
 
-use crate::amqp;
 use crate::config::{AmqpArgs, DbArgs, MessageArgs, PricingArgs};
 use crate::job::{Job, MAX_BATCH_ID_BYTES};
+use crate::publish::{prepare_line_job, Flushed, Pending, Publisher};
 use crate::store::batches::BatchSettings;
 
 #[derive(Args)]
@@ -115,13 +113,12 @@ pub struct EnqueueReport {
     pub unconfirmed: Vec<u64>,
 }
 
-/// A valid line, rendered as the message to publish.
-pub struct Pending {
-    line: u64,
-    custom_id: String,
-    model: String,
-    metadata: Option<Value>,
-    payload: Vec<u8>,
+impl EnqueueReport {
+    fn add(&mut self, f: Flushed) {
+        self.published += f.published;
+        self.new_jobs += f.new_jobs;
+        self.unconfirmed.extend(f.unconfirmed);
+    }
 }
 
 /// How to enqueue a file.
@@ -146,15 +143,6 @@ impl<'a> EnqueueOptions<'a> {
     }
 }
 
-/// Where a run of `enqueue` publishes: its connection, rebuilt when it breaks.
-struct Publisher<'a> {
-    pool: &'a PgPool,
-    amqp_url: &'a SecretString,
-    conn: Option<lapin::Connection>,
-    channel: Channel,
-    opts: &'a EnqueueOptions<'a>,
-}
-
 /// Publishes every valid line of `path` as a job of the batch.
 pub async fn enqueue_file(
     pool: &PgPool,
@@ -170,15 +158,7 @@ pub async fn enqueue_file(
             .await
             .context("setting the batch's priority, cap or deadline")?;
     }
-    let conn = amqp::connect(amqp_url, "sheepdog enqueue").await?;
-    let channel = amqp::confirm_channel(&conn).await?;
-    let mut publisher = Publisher {
-        pool,
-        amqp_url,
-        conn: Some(conn),
-        channel,
-        opts,
-    };
+    let mut publisher = Publisher::connect(pool, amqp_url, batch_id, "sheepdog enqueue").await?;
     let mut report = EnqueueReport::default();
     let mut chunk: Vec<Pending> = Vec::with_capacity(CHUNK);
     for line in lines {
@@ -187,23 +167,14 @@ pub async fn enqueue_file(
             Line::Valid(v) => chunk.push(v.0),
         }
         if chunk.len() >= CHUNK {
-            publisher.flush(&mut chunk, &mut report).await?;
+            report.add(publisher.flush(&mut chunk).await?);
             bar.set_message(format!("{} published", report.published));
         }
     }
-    publisher.flush(&mut chunk, &mut report).await?;
+    report.add(publisher.flush(&mut chunk).await?);
     bar.finish_and_clear();
-    if let Some(c) = publisher.conn {
-        let _ = c.close(200, "done".into()).await;
-    }
+    publisher.close().await;
     Ok(report)
-}
-
-impl Pending {
-    /// Its line number in the file (1-based).
-    pub fn line(&self) -> u64 {
-        self.line
-    }
 }
 
 /// A bar over the file's bytes (hidden unless `show`).
@@ -283,110 +254,15 @@ impl Iterator for Lines<'_> {
             if trimmed.is_empty() {
                 continue;
             }
-            let line = match prepare(trimmed, self.batch_id, self.max_message_bytes) {
+            let line = match prepare_line_job(trimmed, self.batch_id, self.max_message_bytes) {
                 Err(reason) => Line::Refused(Refused { line: n, reason }),
-                Ok((_, job)) if !self.seen.insert(job.id.custom_id.clone()) => Line::Refused(Refused {
+                Ok((p, _)) if !self.seen.insert(p.custom_id.clone()) => Line::Refused(Refused {
                     line: n,
-                    reason: format!("custom_id {:?} appears earlier in the file", job.id.custom_id),
+                    reason: format!("custom_id {:?} appears earlier in the file", p.custom_id),
                 }),
-                Ok((payload, job)) => Line::Valid(Box::new((
-                    Pending {
-                        line: n,
-                        custom_id: job.id.custom_id.clone(),
-                        model: job.model.clone(),
-                        metadata: job.metadata.clone(),
-                        payload,
-                    },
-                    job,
-                ))),
+                Ok((job, parsed)) => Line::Valid(Box::new((Pending { line: n, job }, parsed))),
             };
             return Some(Ok(line));
         }
-    }
-}
-
-/// Validates a line and renders the message: the line with `batch_id` set.
-fn prepare(line: &[u8], batch_id: &str, max: usize) -> Result<(Vec<u8>, Job), String> {
-    let mut value: Value = serde_json::from_slice(line).map_err(|e| format!("not valid JSON: {e}"))?;
-    if let Value::Object(o) = &mut value {
-        match o.get("batch_id") {
-            None | Some(Value::Null) => {
-                o.insert("batch_id".into(), Value::String(batch_id.to_string()));
-            }
-            Some(Value::String(b)) if b == batch_id => {}
-            Some(other) => return Err(format!("batch_id {other} differs from --batch {batch_id:?}")),
-        }
-    }
-    let job = Job::from_value(value.clone()).map_err(|e| e.reason)?;
-    let payload = serde_json::to_vec(&value).map_err(|e| e.to_string())?;
-    if payload.len() > max {
-        return Err(format!(
-            "message is {} bytes, larger than the maximum of {max}",
-            payload.len()
-        ));
-    }
-    Ok((payload, job))
-}
-
-impl Publisher<'_> {
-    /// Records a chunk's jobs, then publishes it with confirms, reconnecting and publishing the
-    /// unconfirmed lines again up to four rounds.
-    async fn flush(&mut self, chunk: &mut Vec<Pending>, report: &mut EnqueueReport) -> anyhow::Result<()> {
-        if chunk.is_empty() {
-            return Ok(());
-        }
-        // Rows first: a job is `queued` before any worker can see its message.
-        let ids: Vec<String> = chunk.iter().map(|p| p.custom_id.clone()).collect();
-        let models: Vec<String> = chunk.iter().map(|p| p.model.clone()).collect();
-        let metadata: Vec<Option<Value>> = chunk.iter().map(|p| p.metadata.clone()).collect();
-        report.new_jobs +=
-            crate::store::intake::register_queued(self.pool, self.opts.batch_id, &ids, &models, &metadata)
-                .await
-                .context("recording the batch in Postgres")?;
-
-        let mut todo: Vec<&Pending> = chunk.iter().collect();
-        for round in 0..4 {
-            if round > 0 {
-                // The broker went away or refused some: reconnect and publish those again.
-                tokio::time::sleep(Duration::from_millis(500 * round)).await;
-                match amqp::connect(self.amqp_url, "sheepdog enqueue").await {
-                    Ok(c) => match amqp::confirm_channel(&c).await {
-                        Ok(ch) => {
-                            self.channel = ch;
-                            self.conn = Some(c);
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot open a channel; retrying");
-                            continue;
-                        }
-                    },
-                    Err(e) => {
-                        tracing::warn!(error = %e, "broker unreachable; retrying");
-                        continue;
-                    }
-                }
-            }
-            let payloads: Vec<&[u8]> = todo.iter().map(|p| p.payload.as_slice()).collect();
-            let results = amqp::publish_jobs(&self.channel, &payloads).await;
-            let mut failed: Vec<&Pending> = Vec::new();
-            for (p, r) in todo.iter().zip(results) {
-                match r {
-                    Ok(()) => report.published += 1,
-                    Err(amqp::PublishError::Unroutable(q)) => {
-                        anyhow::bail!("no queue {q} on the broker: run `sheepdog migrate` first")
-                    }
-                    Err(_) => failed.push(p),
-                }
-            }
-            if failed.is_empty() {
-                chunk.clear();
-                return Ok(());
-            }
-            tracing::warn!(lines = failed.len(), "publishes not confirmed; trying again");
-            todo = failed;
-        }
-        report.unconfirmed.extend(todo.iter().map(|p| p.line));
-        chunk.clear();
-        Ok(())
     }
 }

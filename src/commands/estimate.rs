@@ -89,7 +89,7 @@ async fn estimate(pool: &sqlx::PgPool, a: &EnqueueArgs, prices: &PriceTable) -> 
         };
         let Some(price) = prices.get(&job.model) else {
             refused.push(RefusedLine {
-                line: p.line(),
+                line: p.line,
                 reason: format!(
                     "model {:?} has no price in the price file: a worker would fail it (unknown_model) before any call",
                     job.model

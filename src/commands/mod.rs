@@ -1,6 +1,7 @@
 //! The commands of the `sheepdog` binary. Each module owns its command's arguments (clap), its
 //! output and its exit code; `run` dispatches.
 
+pub mod api;
 pub mod batch;
 pub mod bench;
 pub mod dashboard;
@@ -9,6 +10,7 @@ pub mod demo;
 pub mod enqueue;
 pub mod estimate;
 pub mod healthcheck;
+pub mod keys;
 pub mod limits;
 pub mod mock;
 pub mod report;
@@ -47,6 +49,13 @@ pub enum Command {
     },
     /// The web dashboard: batches, limits, breakers, dead letters; actions with a token.
     Dashboard(dashboard::DashboardArgs),
+    /// The OpenAI Batch API over HTTP: files and batches for the official SDKs.
+    Api(api::ApiArgs),
+    /// Producer keys of the Batch API: create (printed once), list, revoke.
+    Keys {
+        #[command(subcommand)]
+        action: keys::KeysAction,
+    },
     /// Inspect and replay dead-lettered jobs.
     Dead {
         #[command(subcommand)]
@@ -90,6 +99,8 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Batch { action } => batch::run(action).await,
         Command::Dead { action } => dead::run(action).await,
         Command::Dashboard(a) => dashboard::run(a).await,
+        Command::Api(a) => api::run(a).await,
+        Command::Keys { action } => keys::run(action).await,
         Command::Report(a) => report::run(a).await,
         Command::Enqueue(a) => enqueue::run(a).await,
         Command::Status(a) => status::run(a).await,

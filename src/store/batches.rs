@@ -2,6 +2,8 @@
 //! deadline; their figures, kept on the batch row by folding `batch_progress`; and their end,
 //! announced on the results stream (§8).
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::Serialize;
@@ -31,6 +33,29 @@ impl BatchSettings {
     pub fn is_empty(&self) -> bool {
         *self == BatchSettings::default()
     }
+}
+
+/// A completion window: `90s`, `30m`, `24h`, `2d`, or a number of seconds.
+pub fn parse_window(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 90s, 30m, 24h or 2d"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86_400.0,
+        _ => return Err(format!("{s:?}: the unit is s, m, h or d")),
+    };
+    if !(secs.is_finite() && secs > 0.0) {
+        return Err(format!("{s:?} must be longer than zero"));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 /// Sets a batch's priority (the batch need not have jobs yet: a producer may set it before
@@ -93,7 +118,7 @@ pub async fn set(pool: &PgPool, batch_id: &str, s: &BatchSettings) -> Result<(),
 }
 
 /// Pauses or resumes a batch: paused, its jobs wait without a call or an attempt. Returns false
-/// when there is no such batch, or it is cancelled.
+/// when there is no such batch, or it is cancelled, or an API batch still validating or failed.
 pub async fn set_paused(pool: &PgPool, batch_id: &str, paused: bool) -> Result<bool, StoreError> {
     let mut tx = pool.begin().await?;
     // The lock every dispatch takes first: once this commits, no grant races it.
@@ -102,7 +127,7 @@ pub async fn set_paused(pool: &PgPool, batch_id: &str, paused: bool) -> Result<b
         .await?;
     let r = sqlx::query(
         "UPDATE sheepdog.batches SET control = $2, updated_at = now()
-          WHERE batch_id = $1 AND control <> 'cancelled'",
+          WHERE batch_id = $1 AND control IN ('active', 'paused')",
     )
     .bind(batch_id)
     .bind(if paused { "paused" } else { "active" })
@@ -134,8 +159,10 @@ pub async fn cancel(pool: &PgPool, batch_id: &str) -> Result<Cancelled, StoreErr
         .execute(&mut *tx)
         .await?;
     let found: Option<bool> = sqlx::query_scalar(
-        "UPDATE sheepdog.batches SET control = 'cancelled', cancelled_at = coalesce(cancelled_at, now()),
-                updated_at = now()
+        "UPDATE sheepdog.batches SET updated_at = now(),
+                -- An API batch whose file failed validation stays `failed`: nothing of it runs.
+                control = CASE WHEN control = 'failed' THEN control ELSE 'cancelled' END,
+                cancelled_at = CASE WHEN control = 'failed' THEN cancelled_at ELSE coalesce(cancelled_at, now()) END
           WHERE batch_id = $1 RETURNING true",
     )
     .bind(batch_id)
@@ -214,8 +241,8 @@ async fn end_waiting(pool: &PgPool, batches: &[String], status: &str) -> Result<
 /// such a batch already; this settles what was left. Returns how many.
 pub async fn expire_due(pool: &PgPool) -> Result<i64, StoreError> {
     let due: Vec<(String, bool)> = sqlx::query_as(
-        "SELECT batch_id, control = 'cancelled' FROM sheepdog.batches
-          WHERE (expires_at <= now() OR control = 'cancelled') AND finished_at IS NULL",
+        "SELECT batch_id, control IN ('cancelled', 'failed') FROM sheepdog.batches
+          WHERE (expires_at <= now() OR control IN ('cancelled', 'failed')) AND finished_at IS NULL",
     )
     .fetch_all(pool)
     .await?;
@@ -400,6 +427,11 @@ pub async fn show(pool: &PgPool, batch_id: &str) -> Result<Option<BatchObject>, 
         o.currency = Some(currency);
     }
     Ok(Some(o))
+}
+
+/// Several batches, newest first (unknown ids are left out).
+pub async fn show_many(pool: &PgPool, ids: &[String]) -> Result<Vec<BatchObject>, StoreError> {
+    Ok(sqlx::query_as(OBJECT_QUERY).bind(ids).fetch_all(pool).await?)
 }
 
 /// Batches, newest first: `limit` of them from `offset`, those with `status` if given. Reads

@@ -17,7 +17,9 @@ use sqlx::{PgPool, Postgres, Transaction};
 
 use super::StoreError;
 use crate::job::JobId;
-use crate::plan::{slot_of, Blocked, Breaker, BreakerState, Budget, Candidate, Plan, Planner, Scope, HORIZON_SLOTS};
+use crate::plan::{
+    slot_of, Blocked, Breaker, BreakerState, Budget, Candidate, KeyCap, Plan, Planner, Scope, HORIZON_SLOTS,
+};
 
 /// A job granted to this replica: claimed, its `pending` ledger row written.
 #[derive(Debug, Clone)]
@@ -162,7 +164,7 @@ pub async fn dispatch(
     .fetch_one(&mut *tx)
     .await?;
     let (mut global, burst) = scope_of(global_row);
-    let pairs = pairs(&mut tx).await?;
+    let pairs = pairs(&mut tx, now).await?;
     let mut lanes: Vec<String> = pairs.iter().map(|p| p.model.clone()).collect();
     lanes.dedup();
     sqlx::query("SELECT 1 FROM sheepdog.limit_scopes WHERE scope = ANY($1) AND scope <> '*' ORDER BY scope FOR UPDATE")
@@ -236,12 +238,16 @@ struct Pair {
     vpass: i64,
     /// What is left of the batch's spending cap, if it has one.
     cap_left: Option<Decimal>,
+    /// Its producer key's cap (Batch API batches of a capped key): scope, period key, left.
+    key_scope: Option<String>,
+    key_period: Option<String>,
+    key_left: Option<Decimal>,
 }
 
 /// Every (model, batch) with jobs waiting that may go: a loose index scan of `backlog_lane`, one
 /// probe per pair however many jobs each has; then only batches that are active and within their
-/// deadline, with what is left of their spending caps.
-async fn pairs(tx: &mut Transaction<'_, Postgres>) -> Result<Vec<Pair>, StoreError> {
+/// deadline, with what is left of their spending caps (the batch's, and its producer key's).
+async fn pairs(tx: &mut Transaction<'_, Postgres>, now: DateTime<Utc>) -> Result<Vec<Pair>, StoreError> {
     Ok(sqlx::query_as(
         "WITH RECURSIVE p AS (
              (SELECT model, batch_id FROM sheepdog.backlog ORDER BY model, batch_id LIMIT 1)
@@ -252,12 +258,19 @@ async fn pairs(tx: &mut Transaction<'_, Postgres>) -> Result<Vec<Pair>, StoreErr
                   ORDER BY b.model, b.batch_id LIMIT 1) n)
          SELECT p.model, p.batch_id, coalesce(bt.priority, 1::smallint) AS priority,
                 coalesce(bt.vpass, 0) AS vpass,
-                bt.max_cost_usd - coalesce(cap.spent, 0) - coalesce(cap.reserved, 0) AS cap_left
+                bt.max_cost_usd - coalesce(cap.spent, 0) - coalesce(cap.reserved, 0) AS cap_left,
+                'key:' || k.name AS key_scope, k.period_key AS key_period,
+                k.max_cost_usd - coalesce(kb.spent, 0) - coalesce(kb.reserved, 0) AS key_left
            FROM p
            LEFT JOIN sheepdog.batches bt ON bt.batch_id = p.batch_id
            LEFT JOIN sheepdog.budget cap ON cap.scope = 'batch:' || p.batch_id AND cap.period_key = 'total'
+           LEFT JOIN sheepdog.api_batches ab ON ab.id = p.batch_id
+           LEFT JOIN LATERAL (SELECT name, max_cost_usd, sheepdog.budget_period_key(period, $1) AS period_key
+                                FROM sheepdog.api_keys WHERE name = ab.owner AND max_cost_usd IS NOT NULL) k ON true
+           LEFT JOIN sheepdog.budget kb ON kb.scope = 'key:' || k.name AND kb.period_key = k.period_key
           WHERE coalesce(bt.control, 'active') = 'active' AND (bt.expires_at IS NULL OR bt.expires_at > now())",
     )
+    .bind(now)
     .fetch_all(&mut **tx)
     .await?)
 }
@@ -356,6 +369,14 @@ async fn candidates(
                 tokens: r.3.unwrap_or(0),
                 cost: r.4.unwrap_or_default(),
                 batch_cap_left: pair.cap_left,
+                key_cap: match (&pair.key_scope, &pair.key_period, pair.key_left) {
+                    (Some(scope), Some(period_key), Some(left)) => Some(KeyCap {
+                        scope: scope.clone(),
+                        period_key: period_key.clone(),
+                        left,
+                    }),
+                    _ => None,
+                },
             })
         })
         .collect())

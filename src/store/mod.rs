@@ -2,6 +2,7 @@
 //! Each statement is whole, binds every value, and lets a constraint or a conditional
 //! `UPDATE … WHERE` decide races.
 
+pub mod api;
 pub mod batcher;
 pub mod batches;
 pub mod currency;

@@ -10,7 +10,7 @@ use rust_decimal::Decimal;
 
 use super::auth::Viewer;
 use super::chart;
-use crate::commands::dead::DeadLetter;
+use crate::dead::DeadLetter;
 use crate::limits::ScopeUsage;
 use crate::store::batches::BatchObject;
 use crate::store::dashboard::{Breaker, Failure, MinuteCount, Overview, RecentJob, ScopeMinute};
@@ -19,7 +19,8 @@ use crate::store::report::ModelCost;
 /// A rendered page.
 pub type Page = Html<String>;
 
-pub const STATUSES: [&str; 7] = [
+pub const STATUSES: [&str; 9] = [
+    "validating",
     "queued",
     "in_progress",
     "paused",
@@ -27,6 +28,7 @@ pub const STATUSES: [&str; 7] = [
     "cancelled",
     "expired",
     "completed",
+    "failed",
 ];
 
 const CSS: &str = r#"
@@ -43,7 +45,7 @@ td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
 .card{background:#fff;border:1px solid #e3e6eb;border-radius:6px;padding:10px 14px;min-width:150px}
 .card .v{font-size:22px;font-weight:600}.card .k{color:#5b6475;font-size:12px}
 .status{padding:1px 6px;border-radius:8px;font-size:12px;background:#e3e6eb}
-.s-in_progress{background:#d6e6ff}.s-completed{background:#d5f2dc}.s-cancelled,.s-cancelling,.s-expired{background:#f8d7d7}.s-paused{background:#fdf0c4}
+.s-in_progress{background:#d6e6ff}.s-completed{background:#d5f2dc}.s-cancelled,.s-cancelling,.s-expired{background:#f8d7d7}.s-paused,.s-validating{background:#fdf0c4}.s-failed{background:#f8d7d7}
 progress{width:160px}
 .chart{background:#fff;border:1px solid #e3e6eb}.chart .bar{fill:#4d7cc7}.chart .limit{stroke:#c0392b;stroke-dasharray:4 3}
 .chart .axis{font-size:10px;fill:#5b6475}.chart .axisline{stroke:#9aa3b2}

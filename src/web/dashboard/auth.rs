@@ -12,6 +12,8 @@ use rand::RngCore;
 use secrecy::{ExposeSecret, SecretString};
 
 use super::PageError;
+use crate::web::auth::constant_time_eq;
+use crate::web::Problem;
 
 pub const COOKIE: &str = "sheepdog_session";
 pub const CLEAR_COOKIE: &str = "sheepdog_session=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0";
@@ -36,18 +38,6 @@ impl Viewer {
     pub fn can_act(&self) -> bool {
         self.actions_enabled && self.csrf.is_some()
     }
-}
-
-/// Equal, in time that depends only on the lengths.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let mut diff = 0u8;
-    for (x, y) in a.iter().zip(b) {
-        diff |= x ^ y;
-    }
-    std::hint::black_box(diff) == 0
 }
 
 fn random_hex() -> String {
@@ -111,16 +101,14 @@ impl Auth {
     /// A POST may act: a token is set, the session is live and the form's CSRF token is its.
     pub fn authorize(&self, headers: &HeaderMap, csrf: Option<&str>) -> Result<(), PageError> {
         if !self.enabled() {
-            return Err(PageError::Forbidden(
-                "this dashboard is read-only (no SHEEPDOG_DASHBOARD_TOKEN)",
-            ));
+            return Err(Problem::Forbidden("this dashboard is read-only (no SHEEPDOG_DASHBOARD_TOKEN)".into()).into());
         }
         let Some(expected) = self.csrf_of(headers) else {
-            return Err(PageError::Forbidden("sign in first"));
+            return Err(Problem::Forbidden("sign in first".into()).into());
         };
         match csrf {
             Some(given) if constant_time_eq(expected.as_bytes(), given.as_bytes()) => Ok(()),
-            _ => Err(PageError::Forbidden("the form's CSRF token is missing or wrong")),
+            _ => Err(Problem::Forbidden("the form's CSRF token is missing or wrong".into()).into()),
         }
     }
 }
@@ -161,12 +149,5 @@ mod tests {
         assert!(a.authorize(&HeaderMap::new(), Some(&csrf)).is_err());
         a.sign_out(&h);
         assert!(a.authorize(&h, Some(&csrf)).is_err());
-    }
-
-    #[test]
-    fn constant_time_eq_is_eq() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"ab"));
     }
 }

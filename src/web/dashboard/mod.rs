@@ -9,7 +9,6 @@ mod chart;
 mod pages;
 
 use std::net::SocketAddr;
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,27 +18,21 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use clap::Args;
 use secrecy::SecretString;
 use serde::Deserialize;
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 
-use crate::config::{AmqpArgs, DbArgs};
-use crate::store::{Priority, StoreError};
+use super::{Face, Problem, WebError};
+use crate::store::Priority;
 
-#[derive(Args)]
-pub struct DashboardArgs {
-    /// Address to serve the dashboard on.
-    #[arg(long, env = "SHEEPDOG_DASHBOARD_ADDR", default_value = "127.0.0.1:8088")]
+/// What the dashboard needs to run.
+pub struct Settings {
     pub addr: String,
-    /// Enables the actions (batch cancel, pause, resume, priority; dead-letter replay) for
-    /// whoever signs in with it. Without it the dashboard is read-only.
-    #[arg(long, env = "SHEEPDOG_DASHBOARD_TOKEN", hide_env_values = true)]
+    pub database_url: SecretString,
+    pub amqp_url: SecretString,
+    /// Enables the actions for whoever signs in with it; `None`: read-only.
     pub token: Option<SecretString>,
-    #[command(flatten)]
-    pub db: DbArgs,
-    #[command(flatten)]
-    pub amqp: AmqpArgs,
 }
 
 pub(crate) struct App {
@@ -50,29 +43,16 @@ pub(crate) struct App {
     auth: auth::Auth,
 }
 
-pub async fn run(a: DashboardArgs) -> anyhow::Result<ExitCode> {
-    let opts = crate::store::connect_options(&a.db.database_url)?;
-    let pool = crate::store::dashboard::lazy_pool(opts, 8);
+/// Serves the dashboard until `shutdown` is cancelled.
+pub async fn serve(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let app = Arc::new(App {
-        pool,
-        amqp_url: a.amqp.amqp_url.clone(),
+        pool: super::pool(&s.database_url, 8)?,
+        amqp_url: s.amqp_url,
         amqp: tokio::sync::Mutex::new((None, None)),
-        auth: auth::Auth::new(a.token),
+        auth: auth::Auth::new(s.token),
     });
-    let listener = tokio::net::TcpListener::bind(&a.addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", a.addr))?;
-    let local = listener.local_addr()?;
-    println!("dashboard on http://{local}/");
-    tracing::info!(addr = %local, actions = app.auth.enabled(), "dashboard listening");
-    let shutdown = super::shutdown_on_signals();
-    axum::serve(
-        listener,
-        router(app).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-    .await?;
-    Ok(ExitCode::SUCCESS)
+    tracing::info!(actions = app.auth.enabled(), "dashboard starting");
+    super::serve(&s.addr, "dashboard", router(app), shutdown).await
 }
 
 fn router(app: Arc<App>) -> Router {
@@ -90,64 +70,46 @@ fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-/// Why a page could not be shown. The database being down is its own answer (503), with a
-/// page that refreshes itself until it is back.
-pub(crate) enum PageError {
-    DbDown,
-    AmqpDown,
-    NotFound(String),
-    Forbidden(&'static str),
-    Internal(String),
-}
+/// The dashboard shows a problem as a page. The database being down is its own answer (503),
+/// with a page that refreshes itself until it is back.
+pub(crate) struct Html;
 
-impl From<StoreError> for PageError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::Unavailable(_) => PageError::DbDown,
-            StoreError::Rejected(m) => PageError::Internal(m),
-        }
-    }
-}
-
-impl From<sqlx::Error> for PageError {
-    fn from(e: sqlx::Error) -> Self {
-        StoreError::from(e).into()
-    }
-}
-
-impl IntoResponse for PageError {
-    fn into_response(self) -> Response {
-        let (code, title, text) = match self {
-            PageError::DbDown => (
-                StatusCode::SERVICE_UNAVAILABLE,
+impl Face for Html {
+    fn render(problem: &Problem) -> Response {
+        let code = problem.status();
+        let (title, text) = match problem {
+            Problem::DbDown => (
                 "database unreachable",
                 "The database is unreachable: nothing can be shown now. This page retries by itself.".to_string(),
             ),
-            PageError::AmqpDown => (
-                StatusCode::SERVICE_UNAVAILABLE,
+            Problem::AmqpDown => (
                 "RabbitMQ unreachable",
                 "RabbitMQ is unreachable: the dead letters cannot be read now.".to_string(),
             ),
-            PageError::NotFound(what) => (StatusCode::NOT_FOUND, "not found", what),
-            PageError::Forbidden(why) => (StatusCode::FORBIDDEN, "forbidden", why.to_string()),
-            PageError::Internal(m) => {
-                tracing::warn!(error = %m, "dashboard page failed");
-                (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "error",
-                    "The page could not be built; the dashboard's log says why.".to_string(),
-                )
-            }
+            Problem::NotFound(what) => ("not found", what.clone()),
+            Problem::Forbidden(why) | Problem::Unauthorized(why) | Problem::Conflict(why) => ("forbidden", why.clone()),
+            Problem::Invalid { message, .. } => ("not found", message.clone()),
+            Problem::Internal(_) => (
+                "error",
+                "The page could not be built; the dashboard's log says why.".to_string(),
+            ),
         };
         (code, pages::error_page(code.as_u16(), title, &text)).into_response()
     }
+}
+
+/// Why a page could not be shown.
+pub(crate) type PageError = WebError<Html>;
+
+fn not_found(what: String) -> PageError {
+    Problem::NotFound(what).into()
 }
 
 /// Every page is built within 5 s or answered as a database outage.
 async fn bounded<T>(f: impl std::future::Future<Output = Result<T, PageError>>) -> Result<T, PageError> {
     tokio::time::timeout(Duration::from_secs(5), f)
         .await
-        .unwrap_or(Err(PageError::DbDown))
+        .unwrap_or(Err(Problem::DbDown.into()))
 }
 
 impl App {
@@ -230,7 +192,7 @@ async fn batch(State(app): State<Arc<App>>, headers: HeaderMap, Path(id): Path<S
     let viewer = app.auth.viewer(&headers);
     bounded(async {
         let Some(b) = crate::store::batches::show(&app.pool, &id).await? else {
-            return Err(PageError::NotFound(format!("no batch {id:?}")));
+            return Err(not_found(format!("no batch {id:?}")));
         };
         let models = crate::store::report::batch_cost_by_model(&app.pool, &id).await?;
         let latency = crate::store::dashboard::latency(&app.pool, &id).await?;
@@ -253,7 +215,7 @@ async fn batch(State(app): State<Arc<App>>, headers: HeaderMap, Path(id): Path<S
 async fn export(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Response, PageError> {
     use futures::StreamExt;
     if crate::store::batches::show(&app.pool, &id).await?.is_none() {
-        return Err(PageError::NotFound(format!("no batch {id:?}")));
+        return Err(not_found(format!("no batch {id:?}")));
     }
     let pool = app.pool.clone();
     let batch_id = id.clone();
@@ -317,11 +279,11 @@ async fn limits(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<Respo
 
 async fn dead(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<Response, PageError> {
     let viewer = app.auth.viewer(&headers);
-    let depth = app.queue_depths(&[crate::amqp::DEAD_QUEUE]).await[0].ok_or(PageError::AmqpDown)?;
-    let letters = tokio::time::timeout(Duration::from_secs(5), super::dead::list(&app.amqp_url, None, 1000))
+    let depth = app.queue_depths(&[crate::amqp::DEAD_QUEUE]).await[0].ok_or(WebError::new(Problem::AmqpDown))?;
+    let letters = tokio::time::timeout(Duration::from_secs(5), crate::dead::list(&app.amqp_url, None, 1000))
         .await
-        .map_err(|_| PageError::AmqpDown)?
-        .map_err(|_| PageError::AmqpDown)?;
+        .map_err(|_| WebError::new(Problem::AmqpDown))?
+        .map_err(|_| WebError::new(Problem::AmqpDown))?;
     Ok(pages::dead(&viewer, depth, &letters).into_response())
 }
 
@@ -341,9 +303,7 @@ async fn login(
     form: Result<Form<LoginForm>, FormRejection>,
 ) -> Result<Response, PageError> {
     if !app.auth.enabled() {
-        return Err(PageError::Forbidden(
-            "this dashboard is read-only (no SHEEPDOG_DASHBOARD_TOKEN)",
-        ));
+        return Err(Problem::Forbidden("this dashboard is read-only (no SHEEPDOG_DASHBOARD_TOKEN)".into()).into());
     }
     let given = form.map(|f| f.0.token).unwrap_or_default();
     match app.auth.sign_in(&given) {
@@ -405,15 +365,13 @@ async fn batch_action(
         "cancel" => {
             let c = crate::store::batches::cancel(pool, &id).await?;
             if !c.found {
-                return Err(PageError::NotFound(format!("no batch {id:?}")));
+                return Err(not_found(format!("no batch {id:?}")));
             }
             format!("{} waiting job(s) cancelled, {} call(s) in flight", c.jobs, c.in_flight)
         }
         "pause" | "resume" => {
             if !crate::store::batches::set_paused(pool, &id, action == "pause").await? {
-                return Err(PageError::NotFound(format!(
-                    "no batch {id:?} to {action} (or it is cancelled)"
-                )));
+                return Err(not_found(format!("no batch {id:?} to {action} (or it is cancelled)")));
             }
             String::new()
         }
@@ -422,15 +380,15 @@ async fn batch_action(
                 Some("high") => Priority::High,
                 Some("normal") => Priority::Normal,
                 Some("low") => Priority::Low,
-                _ => return Err(PageError::NotFound("priority is high, normal or low".into())),
+                _ => return Err(not_found("priority is high, normal or low".into())),
             };
             if crate::store::batches::show(pool, &id).await?.is_none() {
-                return Err(PageError::NotFound(format!("no batch {id:?}")));
+                return Err(not_found(format!("no batch {id:?}")));
             }
             crate::store::batches::set_priority(pool, &id, p).await?;
             format!("priority {}", p.as_str())
         }
-        _ => return Err(PageError::NotFound(format!("no action {action:?}"))),
+        _ => return Err(not_found(format!("no action {action:?}"))),
     };
     tracing::info!(at = %chrono::Utc::now(), client = %client, action = %action, batch = %id, detail = %detail, "dashboard action");
     Ok(Redirect::to(&format!("/batches/{}", pages::path_escape(&id))).into_response())
@@ -445,9 +403,9 @@ async fn dead_replay(
     let f = form_of(body);
     app.auth.authorize(&headers, f.csrf.as_deref())?;
     let batch = f.batch.filter(|b| !b.is_empty());
-    let r = super::dead::replay(&app.pool, &app.amqp_url, batch.as_deref(), usize::MAX)
+    let r = crate::dead::replay(&app.pool, &app.amqp_url, batch.as_deref(), usize::MAX)
         .await
-        .map_err(|e| PageError::Internal(crate::redact::scrub(&e.to_string(), &app.amqp_url)))?;
+        .map_err(|e| WebError::new(Problem::Internal(crate::redact::scrub(&e.to_string(), &app.amqp_url))))?;
     tracing::info!(
         at = %chrono::Utc::now(), client = %client, action = "dead replay",
         batch = batch.as_deref().unwrap_or("*"), replayed = r.replayed, left = r.skipped,
