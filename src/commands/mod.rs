@@ -193,7 +193,7 @@ pub async fn build_worker(
     limits: &LimitArgs,
     name: String,
 ) -> anyhow::Result<Arc<Worker>> {
-    let pool = crate::store::connect(database_url, (args.concurrency as u32 / 8).clamp(4, 32)).await?;
+    let pool = crate::store::connect(database_url, crate::store::REPLICA_POOL).await?;
     crate::store::require_schema(&pool).await?;
     let changes = limits.changes()?;
     if !changes.is_empty() {

@@ -136,6 +136,8 @@ async fn store_limits(pool: &PgPool, scope: &str, l: &LimitChange) -> anyhow::Re
     let unset = |v: &Option<Decimal>| v.map(|v| if v.is_zero() { None } else { Some(v) });
     let (rpm, tpm, budget) = (unset(&l.rpm), unset(&l.tpm), unset(&l.budget_usd));
     let mut tx = pool.begin().await.map_err(StoreError::from)?;
+    // The lock every dispatch takes first: once this commits, every dispatch reads the new values.
+    crate::store::dispatch::lock(&mut tx).await?;
     sqlx::query("INSERT INTO sheepdog.limit_scopes (scope) VALUES ($1) ON CONFLICT DO NOTHING")
         .bind(scope)
         .execute(&mut *tx)

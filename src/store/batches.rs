@@ -122,9 +122,7 @@ pub async fn set(pool: &PgPool, batch_id: &str, s: &BatchSettings) -> Result<(),
 pub async fn set_paused(pool: &PgPool, batch_id: &str, paused: bool) -> Result<bool, StoreError> {
     let mut tx = pool.begin().await?;
     // The lock every dispatch takes first: once this commits, no grant races it.
-    sqlx::query("SELECT 1 FROM sheepdog.limit_scopes WHERE scope = '*' FOR UPDATE")
-        .execute(&mut *tx)
-        .await?;
+    super::dispatch::lock(&mut tx).await?;
     let r = sqlx::query(
         "UPDATE sheepdog.batches SET control = $2, updated_at = now()
           WHERE batch_id = $1 AND control IN ('active', 'paused')",
@@ -155,9 +153,7 @@ pub struct Cancelled {
 /// later, or comes back from a call, ends `cancelled` too. Cancelling twice is fine.
 pub async fn cancel(pool: &PgPool, batch_id: &str) -> Result<Cancelled, StoreError> {
     let mut tx = pool.begin().await?;
-    sqlx::query("SELECT 1 FROM sheepdog.limit_scopes WHERE scope = '*' FOR UPDATE")
-        .execute(&mut *tx)
-        .await?;
+    super::dispatch::lock(&mut tx).await?;
     let found: Option<bool> = sqlx::query_scalar(
         "UPDATE sheepdog.batches SET updated_at = now(),
                 -- An API batch whose file failed validation stays `failed`: nothing of it runs.
@@ -200,23 +196,43 @@ async fn end_all_waiting(pool: &PgPool, batches: &[String], status: &str) -> Res
     }
 }
 
-/// Ends up to `END_CHUNK` waiting jobs of batches as `cancelled` or `expired`: those in the
-/// backlog and those registered by `enqueue` whose messages have not arrived. Each gets its
-/// error, its event and its count. Returns how many ended.
+/// Ends up to `END_CHUNK` waiting jobs of batches as `cancelled` or `expired`, and as many
+/// registered by `enqueue` whose messages have not arrived. A waiting job is one in the backlog
+/// (found through the backlog's key, model by model); a job in flight has no backlog row and is
+/// left alone (its answer ends it). Each gets its error, its event and its count. Returns how
+/// many ended.
 async fn end_waiting(pool: &PgPool, batches: &[String], status: &str) -> Result<i64, StoreError> {
     let n: i64 = sqlx::query_scalar(&format!(
         r#"
-        WITH ended AS (
-            UPDATE sheepdog.jobs j SET status = $2, finished_at = now(), message = NULL,
-                   error = sheepdog.batch_end_error($2)
-             WHERE (j.batch_id, j.custom_id) IN (
-                       SELECT batch_id, custom_id FROM sheepdog.jobs
-                        WHERE batch_id = ANY($1) AND status = 'queued'
-                        LIMIT $3 FOR UPDATE SKIP LOCKED)
-            RETURNING j.*
+        WITH RECURSIVE lanes AS (
+            (SELECT model, batch_id FROM sheepdog.backlog ORDER BY model, batch_id LIMIT 1)
+            UNION ALL
+            SELECT n.model, n.batch_id FROM lanes p CROSS JOIN LATERAL (
+                SELECT b.model, b.batch_id FROM sheepdog.backlog b
+                 WHERE (b.model, b.batch_id) > (p.model, p.batch_id)
+                 ORDER BY b.model, b.batch_id LIMIT 1) n
+        ), waiting AS (
+            SELECT x.model, x.batch_id, x.seq
+              FROM lanes l CROSS JOIN LATERAL (
+                   SELECT b.model, b.batch_id, b.seq FROM sheepdog.backlog b
+                    WHERE b.model = l.model AND b.batch_id = l.batch_id LIMIT $3) x
+             WHERE l.batch_id = ANY($1)
+             LIMIT $3
         ), gone AS (
-            DELETE FROM sheepdog.backlog b USING ended e
-             WHERE b.batch_id = e.batch_id AND b.custom_id = e.custom_id
+            DELETE FROM sheepdog.backlog b USING waiting w
+             WHERE b.model = w.model AND b.batch_id = w.batch_id AND b.seq = w.seq
+            RETURNING b.batch_id, b.custom_id
+        ), registered AS (
+            SELECT batch_id, custom_id FROM sheepdog.jobs
+             WHERE batch_id = ANY($1) AND status = 'queued' AND request IS NULL AND message IS NULL
+             LIMIT $3 FOR UPDATE SKIP LOCKED
+        ), ended AS (
+            UPDATE sheepdog.jobs j SET status = $2, finished_at = now(), message = NULL, request = NULL,
+                   error = sheepdog.batch_end_error($2)
+             WHERE (j.batch_id, j.custom_id) IN (SELECT batch_id, custom_id FROM gone
+                                                 UNION ALL SELECT batch_id, custom_id FROM registered)
+               AND j.status = 'queued'
+            RETURNING j.*
         ), counted AS (
             INSERT INTO sheepdog.batch_progress (batch_id, cancelled, expired, finished_at)
             SELECT batch_id, CASE $2 WHEN 'cancelled' THEN count(*) ELSE 0 END,

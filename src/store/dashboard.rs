@@ -191,7 +191,7 @@ pub struct RecentJob {
 pub async fn recent(pool: &PgPool, batch_id: &str, limit: i64) -> Result<Vec<RecentJob>, StoreError> {
     Ok(sqlx::query_as(
         "SELECT custom_id, status, model, latency_ms, cost_usd, finished_at,
-                left(coalesce(response #>> '{choices,0,message,content}', error->>'message'), 120) AS summary
+                left(coalesce(response::jsonb #>> '{choices,0,message,content}', error->>'message'), 120) AS summary
            FROM sheepdog.jobs WHERE batch_id = $1 AND finished_at IS NOT NULL
           ORDER BY finished_at DESC LIMIT $2",
     )

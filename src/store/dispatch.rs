@@ -1,11 +1,13 @@
-//! Dispatch: the one transaction that decides which waiting jobs a replica calls now.
+//! Dispatch: the one transaction that settles a replica's calls that came back and decides which
+//! waiting jobs it calls now.
 //!
-//! It locks the all-models scope row (so dispatches of all replicas take turns and no two can
-//! take the last token), reads the database clock, finds the models that have jobs waiting,
-//! loads their limits and breakers, lets [`Planner`] pick the jobs that fit in priority and fair
-//! order, and writes everything back before it commits: bucket levels, budget reservations,
-//! breaker probes, the first call after an upstream pause, the claimed jobs and their `pending`
-//! ledger rows. A call is therefore never sent on a decision made from a stale copy of the limits.
+//! It takes the dispatch lock (so dispatches of all replicas take turns and no two can take the
+//! last token), reads the database clock, finds the models that have jobs waiting, loads their
+//! limits and breakers, lets [`Planner`] pick the jobs that fit in priority and fair order, and
+//! writes everything back before it commits: bucket levels, budget reservations, breaker
+//! probes, the first call after an upstream pause, the claimed jobs (their backlog rows gone)
+//! and their `pending` ledger rows. A call is therefore never sent on a decision made from a
+//! stale copy of the limits.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -13,8 +15,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use sqlx::types::Json;
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
+use super::settle::Settlement;
 use super::StoreError;
 use crate::job::JobId;
 use crate::plan::{
@@ -28,13 +31,27 @@ pub struct Granted {
     pub model: String,
     pub call_id: i64,
     pub attempt: i32,
-    pub message: Vec<u8>,
+    /// What to send.
+    pub payload: Payload,
     pub reserve_tokens: i64,
     pub reserve_cost_usd: Decimal,
+    /// Its reservation is held in budgets or token windows other replicas share: settling it
+    /// writes rows a dispatch writes too.
+    pub shared: bool,
     /// This call is the breaker probe of that scope.
     pub probe: Option<String>,
     /// This call is the first after that scope's upstream pause.
     pub first_after_pause: Option<String>,
+}
+
+/// What a granted call sends.
+#[derive(Debug, Clone)]
+pub enum Payload {
+    /// The request as it goes upstream, made when the job arrived.
+    Request(Vec<u8>),
+    /// The message as it arrived, stored by a version before requests were (made into the
+    /// request when called).
+    Message(Vec<u8>),
 }
 
 /// What one dispatch gave.
@@ -108,52 +125,107 @@ fn scope_of(r: ScopeRow) -> (Scope, Decimal) {
     )
 }
 
-/// Whether any job waits that is due now (read without a lock: a cheap check before dispatch).
-pub async fn anything_due(pool: &PgPool) -> Result<bool, StoreError> {
+/// The advisory lock every dispatch takes first, and every change that must not race a grant
+/// (`limits set`, batch pause and cancel): dispatches of all replicas take turns under it. A
+/// transaction-level advisory lock writes nothing (a row lock writes a WAL record each time) and
+/// works behind a pooler in transaction mode.
+pub const DISPATCH_LOCK: (i32, i32) = (0x7364_6470, 0);
+
+/// Takes the dispatch lock for the rest of the transaction.
+pub async fn lock(conn: &mut PgConnection) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
+        .bind(DISPATCH_LOCK.0)
+        .bind(DISPATCH_LOCK.1)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Whether any job waits that is due now (read without the lock: a cheap check before it).
+async fn anything_due(conn: &mut PgConnection) -> Result<bool, StoreError> {
     Ok(
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sheepdog.backlog WHERE run_at <= now())")
-            .fetch_one(pool)
+            .fetch_one(conn)
             .await?,
     )
 }
 
-/// Takes up to `slots` jobs for `replica`. `probe_lease` bounds how long a breaker probe or a
-/// first call after a pause may stay out before another replica may send one. `look_first`:
-/// check cheaply whether anything is due before taking the lock (when the last dispatch found
-/// nothing).
-pub async fn dispatch(
+/// One round of a replica, in one transaction: settles the calls that came back (see
+/// [`crate::store::settle`]), then takes up to `slots` jobs for `replica`, and commits once.
+/// `probe_lease` bounds how long a breaker probe or a first call after a pause may stay out
+/// before another replica may send one. `look_first`: check cheaply whether anything is due
+/// before taking the lock (when the last dispatch found nothing).
+///
+/// Settling touches no row another replica's dispatch writes, unless its calls reserved budgets
+/// or tokens: then the lock is taken before settling, so that no two rounds can wait on each
+/// other (one holding a budget row and waiting for the lock, the other the reverse).
+pub async fn settle_and_dispatch(
     pool: &PgPool,
+    settlements: &[Settlement],
     replica: i64,
     slots: usize,
     probe_lease: Duration,
     look_first: bool,
 ) -> Result<Dispatched, StoreError> {
-    if look_first && !anything_due(pool).await? {
+    let mut tx = pool.begin().await?;
+    let mut locked = false;
+    if !settlements.is_empty() {
+        if settlements.iter().any(|s| s.shared) {
+            lock(&mut tx).await?;
+            locked = true;
+        }
+        super::settle::settle(&mut tx, settlements).await?;
+    }
+    if slots == 0 || (look_first && !anything_due(&mut tx).await?) {
+        tx.commit().await?;
         return Ok(Dispatched {
             idle: true,
             ..Default::default()
         });
     }
-    let mut tx = pool.begin().await?;
-    // The all-models row's lock makes dispatches of all replicas take turns. It is taken on its
-    // own: everything else is read by later statements, whose snapshots see every dispatch that
-    // committed before this one got the lock (a row read in the locking statement itself would
-    // be as old as that statement, however long it waited).
-    //
+    if !locked {
+        lock(&mut tx).await?;
+    }
+    // Everything below is read by statements after the lock's: their snapshots see every
+    // dispatch that committed before this one got it.
+    let d = grant(&mut tx, replica, slots, probe_lease).await?;
+    match d {
+        Some(d) => {
+            tx.commit().await?;
+            Ok(d)
+        }
+        None => {
+            // A planned job was gone when claimed (its batch expired meanwhile): nothing of this
+            // plan is kept; the next round plans again.
+            tx.rollback().await?;
+            Ok(Dispatched {
+                retry_in: Some(Duration::from_millis(5)),
+                ..Default::default()
+            })
+        }
+    }
+}
+
+/// Plans and writes one dispatch, under the lock. `None` when a planned job could not be claimed.
+async fn grant(
+    tx: &mut Transaction<'_, Postgres>,
+    replica: i64,
+    slots: usize,
+    probe_lease: Duration,
+) -> Result<Option<Dispatched>, StoreError> {
     // The backlog's statistics are seldom right: it swings between empty and millions of rows
     // faster than ANALYZE follows. Planned from "a few rows", a lane's first jobs were read by
     // fetching the whole lane and sorting it (13,000 rows for 124 in the benchmark). This
-    // transaction's statements only ever want the few first entries of an index, in its order.
-    sqlx::query(
-        "SELECT set_config('enable_sort', 'off', true), set_config('enable_bitmapscan', 'off', true)
-           FROM sheepdog.limit_scopes WHERE scope = '*' FOR UPDATE",
+    // transaction's statements only ever want the few first entries of an index, in its order,
+    // so sorts and bitmap scans are off for it.
+    let (now, vclock): (DateTime<Utc>, i64) = sqlx::query_as(
+        "SELECT clock_timestamp(), vclock, set_config('enable_sort', 'off', true),
+                set_config('enable_bitmapscan', 'off', true)
+           FROM sheepdog.scheduler WHERE id = 1",
     )
-    .execute(&mut *tx)
-    .await?;
-    let (now, vclock): (DateTime<Utc>, i64) =
-        sqlx::query_as("SELECT clock_timestamp(), vclock FROM sheepdog.scheduler WHERE id = 1")
-            .fetch_one(&mut *tx)
-            .await?;
+    .fetch_one(&mut **tx)
+    .await
+    .map(|r: (DateTime<Utc>, i64, String, String)| (r.0, r.1))?;
     let global_row: ScopeRow = sqlx::query_as(&format!(
         "SELECT {SCOPE_COLUMNS} FROM sheepdog.limit_scopes s
            LEFT JOIN sheepdog.budget b ON b.scope = s.scope
@@ -161,47 +233,50 @@ pub async fn dispatch(
           WHERE s.scope = '*'"
     ))
     .bind(now)
-    .fetch_one(&mut *tx)
+    .fetch_one(&mut **tx)
     .await?;
     let (mut global, burst) = scope_of(global_row);
-    let pairs = pairs(&mut tx, now).await?;
+    let pairs = pairs(tx, now).await?;
     let mut lanes: Vec<String> = pairs.iter().map(|p| p.model.clone()).collect();
     lanes.dedup();
-    sqlx::query("SELECT 1 FROM sheepdog.limit_scopes WHERE scope = ANY($1) AND scope <> '*' ORDER BY scope FOR UPDATE")
+    let mut models: Vec<Scope> = Vec::new();
+    if !lanes.is_empty() {
+        // A model's row is also written by the upstream's pauses (`limits::throttle`): wait for
+        // any such change to commit, then read it.
+        let model_rows: Vec<ScopeRow> = sqlx::query_as(&format!(
+            "SELECT {SCOPE_COLUMNS} FROM sheepdog.limit_scopes s
+               LEFT JOIN sheepdog.budget b ON b.scope = s.scope
+                     AND b.period_key = sheepdog.budget_period_key(s.budget_period, $1)
+              WHERE s.scope = ANY($2) AND s.scope <> '*'
+              ORDER BY s.scope FOR UPDATE OF s"
+        ))
+        .bind(now)
         .bind(&lanes)
-        .execute(&mut *tx)
+        .fetch_all(&mut **tx)
         .await?;
-    let model_rows: Vec<ScopeRow> = sqlx::query_as(&format!(
-        "SELECT {SCOPE_COLUMNS} FROM sheepdog.limit_scopes s
-           LEFT JOIN sheepdog.budget b ON b.scope = s.scope
-                 AND b.period_key = sheepdog.budget_period_key(s.budget_period, $1)
-          WHERE s.scope = ANY($2) AND s.scope <> '*'"
-    ))
-    .bind(now)
-    .bind(&lanes)
-    .fetch_all(&mut *tx)
-    .await?;
-    let mut models: Vec<Scope> = model_rows.into_iter().map(|r| scope_of(r).0).collect();
-    token_windows(&mut tx, now, std::iter::once(&mut global).chain(models.iter_mut())).await?;
-    let breakers = breakers(&mut tx, &lanes).await?;
+        models = model_rows.into_iter().map(|r| scope_of(r).0).collect();
+    }
+    token_windows(tx, now, std::iter::once(&mut global).chain(models.iter_mut())).await?;
+    let breakers = breakers(tx, &lanes).await?;
     let planner = Planner::new(now, burst, global, models, &lanes, &breakers);
     let open = planner.open_lanes(&lanes);
     let open_pairs: Vec<&Pair> = pairs.iter().filter(|p| open.contains(&p.model)).collect();
-    let candidates = if open_pairs.is_empty() {
-        Vec::new()
+    let (candidates, places) = if open_pairs.is_empty() {
+        (Vec::new(), HashMap::new())
     } else {
-        candidates(&mut tx, &open_pairs, vclock, now, slots).await?
+        candidates(tx, &open_pairs, vclock, now, slots).await?
     };
     let plan = planner.plan(&lanes, candidates, slots);
-    let jobs = apply(&mut tx, &plan, replica, now, probe_lease).await?;
-    tx.commit().await?;
-    Ok(Dispatched {
+    let Some(jobs) = apply(tx, &plan, &places, replica, now, probe_lease).await? else {
+        return Ok(None);
+    };
+    Ok(Some(Dispatched {
         jobs,
         idle: false,
         blocked: plan.blocked,
         lanes_blocked: plan.lanes_blocked,
         retry_in: plan.retry_in,
-    })
+    }))
 }
 
 /// The token counts of the last minute, for each scope with a token limit.
@@ -244,7 +319,7 @@ struct Pair {
     key_left: Option<Decimal>,
 }
 
-/// Every (model, batch) with jobs waiting that may go: a loose index scan of `backlog_lane`, one
+/// Every (model, batch) with jobs waiting that may go: a loose index scan of the backlog's key, one
 /// probe per pair however many jobs each has; then only batches that are active and within their
 /// deadline, with what is left of their spending caps (the batch's, and its producer key's).
 async fn pairs(tx: &mut Transaction<'_, Postgres>, now: DateTime<Utc>) -> Result<Vec<Pair>, StoreError> {
@@ -313,33 +388,37 @@ async fn breakers(
         .collect())
 }
 
-type CandidateRow = (String, String, String, Option<i64>, Option<Decimal>);
+type CandidateRow = (String, String, String, i64, i64, Decimal);
+
+/// Where each candidate waits in the backlog: its place in line, which with its model and batch
+/// is its key there.
+type Places = HashMap<(String, String), i64>;
 
 /// The first due jobs of each open (model, batch), in arrival order, each with its virtual
-/// time: its batch's pass (or the clock, if later) plus its place in the batch.
+/// time: its batch's pass (or the clock, if later) plus its place in the batch. Read from the
+/// backlog alone (it carries each job's worst case), without locking rows: only a dispatch
+/// removes a waiting job that may go, and dispatches hold the lock.
 async fn candidates(
     tx: &mut Transaction<'_, Postgres>,
     pairs: &[&Pair],
     vclock: i64,
     now: DateTime<Utc>,
     slots: usize,
-) -> Result<Vec<Candidate>, StoreError> {
+) -> Result<(Vec<Candidate>, Places), StoreError> {
     // Enough of each batch to fill the slots between them, and a few more in case some do not
     // fit (a batch's cap, a model's bucket).
     let per_batch = slots.div_ceil(pairs.len()).max(4).min(slots.max(1));
     let models: Vec<&str> = pairs.iter().map(|p| p.model.as_str()).collect();
     let batches: Vec<&str> = pairs.iter().map(|p| p.batch_id.as_str()).collect();
     let rows: Vec<CandidateRow> = sqlx::query_as(
-        "SELECT c.batch_id, c.custom_id, c.model, j.reserve_tokens, j.reserve_cost_usd
+        "SELECT c.batch_id, c.custom_id, c.model, c.seq, c.reserve_tokens, c.reserve_cost_usd
            FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS l(model, batch_id, ord)
            CROSS JOIN LATERAL (
-               SELECT b.batch_id, b.custom_id, b.model, b.seq
+               SELECT b.batch_id, b.custom_id, b.model, b.seq, b.reserve_tokens, b.reserve_cost_usd
                  FROM sheepdog.backlog b
                 WHERE b.model = l.model AND b.batch_id = l.batch_id AND b.run_at <= $3
                 ORDER BY b.seq
-                LIMIT $4
-                FOR UPDATE SKIP LOCKED) c
-           JOIN sheepdog.jobs j ON j.batch_id = c.batch_id AND j.custom_id = c.custom_id
+                LIMIT $4) c
           ORDER BY l.ord, c.seq",
     )
     .bind(&models)
@@ -353,21 +432,23 @@ async fn candidates(
         .map(|p| ((p.model.as_str(), p.batch_id.as_str()), p))
         .collect();
     let mut rank: HashMap<(String, String), i64> = HashMap::new();
-    Ok(rows
+    let mut places = Places::with_capacity(rows.len());
+    let candidates = rows
         .into_iter()
         .filter_map(|r| {
             let pair = *by_pair.get(&(r.2.as_str(), r.0.as_str()))?;
             let i = rank.entry((r.2.clone(), r.0.clone())).or_insert(0);
             let vtime = pair.vpass.max(vclock) + *i;
             *i += 1;
+            places.insert((r.0.clone(), r.1.clone()), r.3);
             Some(Candidate {
                 priority: pair.priority,
                 vtime,
                 batch_id: r.0,
                 custom_id: r.1,
                 model: r.2,
-                tokens: r.3.unwrap_or(0),
-                cost: r.4.unwrap_or_default(),
+                tokens: r.4,
+                cost: r.5,
                 batch_cap_left: pair.cap_left,
                 key_cap: match (&pair.key_scope, &pair.key_period, pair.key_left) {
                     (Some(scope), Some(period_key), Some(left)) => Some(KeyCap {
@@ -379,7 +460,8 @@ async fn candidates(
                 },
             })
         })
-        .collect())
+        .collect();
+    Ok((candidates, places))
 }
 
 type GrantedRow = (
@@ -389,11 +471,14 @@ type GrantedRow = (
     i32,
     String,
     Option<Vec<u8>>,
-    Option<i64>,
-    Option<Decimal>,
+    Option<Vec<u8>>,
+    i64,
+    Decimal,
+    bool,
 );
 
-/// A grant from its row (call id, batch, custom id, attempt, model, message, worst case).
+/// A grant from its row (call id, batch, custom id, attempt, model, request, message of an
+/// earlier version, worst case, whether it reserved shared budgets or tokens).
 fn granted(r: GrantedRow, probe: Option<String>, first_after_pause: Option<String>) -> Granted {
     Granted {
         id: JobId {
@@ -403,9 +488,13 @@ fn granted(r: GrantedRow, probe: Option<String>, first_after_pause: Option<Strin
         call_id: r.0,
         attempt: r.3,
         model: r.4,
-        message: r.5.unwrap_or_default(),
-        reserve_tokens: r.6.unwrap_or(0),
-        reserve_cost_usd: r.7.unwrap_or_default(),
+        payload: match (r.5, r.6) {
+            (Some(request), _) => Payload::Request(request),
+            (None, message) => Payload::Message(message.unwrap_or_default()),
+        },
+        reserve_tokens: r.7,
+        reserve_cost_usd: r.8,
+        shared: r.9,
         probe,
         first_after_pause,
     }
@@ -415,10 +504,11 @@ fn granted(r: GrantedRow, probe: Option<String>, first_after_pause: Option<Strin
 async fn apply(
     tx: &mut Transaction<'_, Postgres>,
     plan: &Plan,
+    places: &Places,
     replica: i64,
     now: DateTime<Utc>,
     lease: Duration,
-) -> Result<Vec<Granted>, StoreError> {
+) -> Result<Option<Vec<Granted>>, StoreError> {
     if !plan.levels.is_empty() {
         let scopes: Vec<&str> = plan.levels.iter().map(|l| l.scope.as_str()).collect();
         let req: Vec<Decimal> = plan.levels.iter().map(|l| l.req_level).collect();
@@ -497,46 +587,61 @@ async fn apply(
         .await?;
     }
     if plan.grants.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Some(Vec::new()));
     }
+    // Claiming is deleting the job's backlog row; the call's ledger row, `pending`, is written in
+    // the same statement (before any request is sent). The job's row is only read (its request).
+    let models: Vec<&str> = plan.grants.iter().map(|g| g.model.as_str()).collect();
     let batch_ids: Vec<&str> = plan.grants.iter().map(|g| g.batch_id.as_str()).collect();
-    let custom_ids: Vec<&str> = plan.grants.iter().map(|g| g.custom_id.as_str()).collect();
+    let mut seqs: Vec<i64> = Vec::with_capacity(plan.grants.len());
+    for g in &plan.grants {
+        let Some(seq) = places.get(&(g.batch_id.clone(), g.custom_id.clone())) else {
+            return Err(StoreError::Rejected(format!(
+                "{}/{}: granted but never a candidate",
+                g.batch_id, g.custom_id
+            )));
+        };
+        seqs.push(*seq);
+    }
     let keys: Vec<Json<&Vec<String>>> = plan.grants.iter().map(|g| Json(&g.budget_keys)).collect();
     let rows: Vec<GrantedRow> = sqlx::query_as(
         "WITH g AS (
-             SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[]) AS g(batch_id, custom_id, keys)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::jsonb[]) AS g(model, batch_id, seq, keys)
          ), gone AS (
-             DELETE FROM sheepdog.backlog bl USING g
-              WHERE bl.batch_id = g.batch_id AND bl.custom_id = g.custom_id
-         ), run AS (
-             UPDATE sheepdog.jobs j
-                SET status = 'running', owner = $4, attempts = j.attempts + 1,
-                    started_at = coalesce(j.started_at, $5)
-               FROM g
-              WHERE j.batch_id = g.batch_id AND j.custom_id = g.custom_id
-             RETURNING j.batch_id, j.custom_id, j.model, j.attempts, j.message, j.reserve_tokens,
-                       j.reserve_cost_usd
+             DELETE FROM sheepdog.backlog b USING g
+              WHERE b.model = g.model AND b.batch_id = g.batch_id AND b.seq = g.seq
+             RETURNING b.model, b.batch_id, b.seq, b.custom_id, b.attempts, b.reserve_tokens, b.reserve_cost_usd
          ), call AS (
              INSERT INTO sheepdog.calls (batch_id, custom_id, attempt, model, outcome, reserved_tokens,
                                          reserved_cost_usd, budget_keys, replica_id, started_at, token_slot)
-             SELECT run.batch_id, run.custom_id, run.attempts, run.model, 'pending',
-                    coalesce(run.reserve_tokens, 0), coalesce(run.reserve_cost_usd, 0),
-                    ARRAY(SELECT jsonb_array_elements_text(g.keys)), $4, $5, $6
-               FROM run JOIN g ON g.batch_id = run.batch_id AND g.custom_id = run.custom_id
-             RETURNING id, batch_id, custom_id, attempt
+             SELECT gone.batch_id, gone.custom_id, gone.attempts + 1, gone.model, 'pending',
+                    gone.reserve_tokens, gone.reserve_cost_usd,
+                    ARRAY(SELECT jsonb_array_elements_text(g.keys)), $5, $6, $7
+               FROM gone JOIN g ON g.model = gone.model AND g.batch_id = gone.batch_id AND g.seq = gone.seq
+             RETURNING id, batch_id, custom_id, attempt, model, reserved_tokens, reserved_cost_usd,
+                       cardinality(budget_keys) > 0 OR token_slot IS NOT NULL AS shared
          )
-         SELECT call.id, call.batch_id, call.custom_id, call.attempt, run.model, run.message,
-                run.reserve_tokens, run.reserve_cost_usd
-           FROM call JOIN run ON run.batch_id = call.batch_id AND run.custom_id = call.custom_id",
+         SELECT call.id, call.batch_id, call.custom_id, call.attempt, call.model, j.request, j.message,
+                call.reserved_tokens, call.reserved_cost_usd, call.shared
+           FROM call JOIN sheepdog.jobs j ON j.batch_id = call.batch_id AND j.custom_id = call.custom_id",
     )
+    .bind(&models)
     .bind(&batch_ids)
-    .bind(&custom_ids)
+    .bind(&seqs)
     .bind(&keys)
     .bind(replica)
     .bind(now)
     .bind(plan.slot)
     .fetch_all(&mut **tx)
     .await?;
+    if rows.len() != plan.grants.len() {
+        tracing::debug!(
+            planned = plan.grants.len(),
+            claimed = rows.len(),
+            "a planned job was gone when claimed; planning again"
+        );
+        return Ok(None);
+    }
     // Each granted batch's pass moves past its last granted job; the clock, past the last of all.
     let mut passes: HashMap<&str, i64> = HashMap::new();
     for g in &plan.grants {
@@ -562,30 +667,30 @@ async fn apply(
         .iter()
         .map(|g| ((g.batch_id.clone(), g.custom_id.clone()), g))
         .collect();
-    Ok(rows
-        .into_iter()
-        .map(|r| {
-            let g = by_id.get(&(r.1.clone(), r.2.clone()));
-            granted(
-                r,
-                g.and_then(|g| g.probe.clone()),
-                g.and_then(|g| g.first_after_pause.clone()),
-            )
-        })
-        .collect())
+    Ok(Some(
+        rows.into_iter()
+            .map(|r| {
+                let g = by_id.get(&(r.1.clone(), r.2.clone()));
+                granted(
+                    r,
+                    g.and_then(|g| g.probe.clone()),
+                    g.and_then(|g| g.first_after_pause.clone()),
+                )
+            })
+            .collect(),
+    ))
 }
 
 /// Grants Postgres holds for `replica` that are not in `in_hand` (the calls it is working on):
-/// jobs running as its, with their call pending. A dispatch whose COMMIT went through while
-/// its answer was lost with the connection leaves such grants; the replica runs them.
+/// its calls still pending. A round whose COMMIT went through while its answer was lost with
+/// the connection leaves such grants; the replica runs them.
 pub async fn lost_grants(pool: &PgPool, replica: i64, in_hand: &[i64]) -> Result<Vec<Granted>, StoreError> {
     let rows: Vec<GrantedRow> = sqlx::query_as(
-        "SELECT c.id, c.batch_id, c.custom_id, c.attempt, c.model, j.message, j.reserve_tokens,
-                j.reserve_cost_usd
+        "SELECT c.id, c.batch_id, c.custom_id, c.attempt, c.model, j.request, j.message, c.reserved_tokens,
+                c.reserved_cost_usd, cardinality(c.budget_keys) > 0 OR c.token_slot IS NOT NULL
            FROM sheepdog.calls c
            JOIN sheepdog.jobs j ON j.batch_id = c.batch_id AND j.custom_id = c.custom_id
-          WHERE c.replica_id = $1 AND c.outcome = 'pending' AND NOT (c.id = ANY($2))
-            AND j.status = 'running' AND j.owner = $1 AND j.attempts = c.attempt",
+          WHERE c.replica_id = $1 AND c.outcome = 'pending' AND NOT (c.id = ANY($2))",
     )
     .bind(replica)
     .bind(in_hand)

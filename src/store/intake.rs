@@ -15,8 +15,8 @@ pub struct Admission {
     pub id: JobId,
     pub model: String,
     pub metadata: Option<Value>,
-    /// The message as it arrived.
-    pub message: Vec<u8>,
+    /// The request as it goes upstream (JSON), made once: every call sends these bytes.
+    pub request: Vec<u8>,
     /// The worst case of one call: reserved from the limits before each attempt.
     pub reserve_tokens: i64,
     pub reserve_cost_usd: Decimal,
@@ -37,17 +37,18 @@ pub enum Admitted {
     Duplicate,
 }
 
-/// Stores many jobs in one statement: the job row with its message and worst case, its batch
-/// (if new) and its backlog row. A job that already has its message, or is running or ended,
-/// is left alone. Identities must be distinct. Nothing here updates a shared row, so
-/// admissions of one batch from many replicas never wait on each other.
+/// Stores many jobs in one statement: the job row with its request and worst case, its batch
+/// (if new) and its backlog row (which carries what dispatch needs: the attempts made, the worst
+/// case). A job that already has its request, or ended, is left alone. Identities must be
+/// distinct. Nothing here updates a shared row, so admissions of one batch from many replicas
+/// never wait on each other.
 pub async fn admit(pool: &PgPool, items: Vec<Admission>) -> Result<Vec<Admitted>, StoreError> {
     let n = items.len();
     let mut batch_ids = Vec::with_capacity(n);
     let mut custom_ids = Vec::with_capacity(n);
     let mut models = Vec::with_capacity(n);
     let mut metadata = Vec::with_capacity(n);
-    let mut messages = Vec::with_capacity(n);
+    let mut requests = Vec::with_capacity(n);
     let mut tokens = Vec::with_capacity(n);
     let mut costs = Vec::with_capacity(n);
     for a in &items {
@@ -55,7 +56,7 @@ pub async fn admit(pool: &PgPool, items: Vec<Admission>) -> Result<Vec<Admitted>
         custom_ids.push(a.id.custom_id.as_str());
         models.push(a.model.as_str());
         metadata.push(a.metadata.as_ref().map(Json));
-        messages.push(a.message.as_slice());
+        requests.push(a.request.as_slice());
         tokens.push(a.reserve_tokens);
         costs.push(a.reserve_cost_usd);
     }
@@ -64,7 +65,7 @@ pub async fn admit(pool: &PgPool, items: Vec<Admission>) -> Result<Vec<Admitted>
         WITH input AS (
             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::bytea[], $6::bigint[],
                                  $7::numeric[]) WITH ORDINALITY
-                AS t(batch_id, custom_id, model, metadata, message, tokens, cost, ord)
+                AS t(batch_id, custom_id, model, metadata, request, tokens, cost, ord)
         ), ctl AS (
             -- A job of a batch that is cancelled, or past its deadline, ends as it arrives.
             SELECT i.batch_id, coalesce(sheepdog.batch_end(b.control, b.expires_at), 'queued') AS status,
@@ -73,10 +74,10 @@ pub async fn admit(pool: &PgPool, items: Vec<Admission>) -> Result<Vec<Admitted>
               LEFT JOIN sheepdog.batches b ON b.batch_id = i.batch_id
         ), ins AS (
             INSERT INTO sheepdog.jobs AS j
-                (batch_id, custom_id, status, model, metadata, message, reserve_tokens, reserve_cost_usd, seq,
+                (batch_id, custom_id, status, model, metadata, request, reserve_tokens, reserve_cost_usd, seq,
                  error, finished_at)
             SELECT i.batch_id, i.custom_id, c.status, i.model, i.metadata,
-                   CASE WHEN c.status = 'queued' THEN i.message END, i.tokens, i.cost,
+                   CASE WHEN c.status = 'queued' THEN i.request END, i.tokens, i.cost,
                    nextval('sheepdog.backlog_seq'),
                    sheepdog.batch_end_error(c.status),
                    CASE WHEN c.status <> 'queued' THEN now() END
@@ -85,15 +86,17 @@ pub async fn admit(pool: &PgPool, items: Vec<Admission>) -> Result<Vec<Admitted>
             ON CONFLICT (batch_id, custom_id) DO UPDATE
                SET model = EXCLUDED.model,
                    metadata = coalesce(EXCLUDED.metadata, j.metadata),
-                   message = EXCLUDED.message,
+                   request = EXCLUDED.request,
                    reserve_tokens = EXCLUDED.reserve_tokens,
                    reserve_cost_usd = EXCLUDED.reserve_cost_usd,
                    seq = EXCLUDED.seq,
                    status = EXCLUDED.status,
                    error = EXCLUDED.error,
                    finished_at = EXCLUDED.finished_at
-             WHERE j.status = 'queued' AND j.message IS NULL AND j.owner IS NULL
-            RETURNING j.batch_id, j.custom_id, j.model, j.seq, j.status
+             -- Only a job registered by `enqueue` (or replayed) and not yet stored.
+             WHERE j.status = 'queued' AND j.request IS NULL AND j.message IS NULL
+            RETURNING j.batch_id, j.custom_id, j.model, j.seq, j.status, j.attempts, j.reserve_tokens,
+                      j.reserve_cost_usd
         ), bat AS (
             -- Only a batch not seen yet: an insert that meets an existing row would wait for
             -- whatever holds that row (a dispatch moving the batch's pass) to commit.
@@ -101,8 +104,9 @@ pub async fn admit(pool: &PgPool, items: Vec<Admission>) -> Result<Vec<Admitted>
             SELECT batch_id FROM ctl WHERE missing
             ON CONFLICT (batch_id) DO NOTHING
         ), back AS (
-            INSERT INTO sheepdog.backlog (batch_id, custom_id, model, seq)
-            SELECT batch_id, custom_id, model, seq FROM ins WHERE status = 'queued'
+            INSERT INTO sheepdog.backlog (model, batch_id, seq, custom_id, attempts, reserve_tokens, reserve_cost_usd)
+            SELECT model, batch_id, seq, custom_id, attempts, reserve_tokens, reserve_cost_usd
+              FROM ins WHERE status = 'queued'
         ), counted AS (
             INSERT INTO sheepdog.batch_progress (batch_id, admitted, cancelled, expired)
             SELECT batch_id, count(*), count(*) FILTER (WHERE status = 'cancelled'),
@@ -119,7 +123,7 @@ pub async fn admit(pool: &PgPool, items: Vec<Admission>) -> Result<Vec<Admitted>
     .bind(&custom_ids)
     .bind(&models)
     .bind(&metadata)
-    .bind(&messages)
+    .bind(&requests)
     .bind(&tokens)
     .bind(&costs)
     .fetch_all(pool)
@@ -153,15 +157,13 @@ pub async fn fail_without_call(
             INSERT INTO sheepdog.jobs AS j (batch_id, custom_id, status, model, metadata, error, finished_at)
             VALUES ($1, $2, 'failed', $3, $4, $5, now())
             ON CONFLICT (batch_id, custom_id) DO UPDATE
-               SET status = 'failed', error = EXCLUDED.error, finished_at = now(), message = NULL,
+               SET status = 'failed', error = EXCLUDED.error, finished_at = now(),
                    model = coalesce(EXCLUDED.model, j.model),
                    metadata = coalesce(EXCLUDED.metadata, j.metadata)
-             -- Only a job not stored yet: a bad copy never undoes a good one already waiting.
-             WHERE j.status = 'queued' AND j.owner IS NULL AND j.message IS NULL
+             -- Only a job not stored yet (so not waiting and not in flight): a bad copy never
+             -- undoes a good one.
+             WHERE j.status = 'queued' AND j.request IS NULL AND j.message IS NULL
             RETURNING j.*
-        ), gone AS (
-            DELETE FROM sheepdog.backlog b USING failed f
-             WHERE b.batch_id = f.batch_id AND b.custom_id = f.custom_id
         ), bat AS (
             INSERT INTO sheepdog.batches (batch_id) SELECT batch_id FROM failed ON CONFLICT DO NOTHING
         ), counted AS (
@@ -192,7 +194,7 @@ pub async fn reopen_failed(pool: &PgPool, id: &JobId) -> Result<bool, StoreError
     let reopened: bool = sqlx::query_scalar(
         "WITH reopened AS (
              UPDATE sheepdog.jobs SET status = 'queued', error = NULL, response = NULL, finished_at = NULL,
-                    status_code = NULL, owner = NULL, message = NULL
+                    status_code = NULL, owner = NULL, message = NULL, request = NULL
               WHERE batch_id = $1 AND custom_id = $2 AND status = 'failed'
              RETURNING batch_id
          ), counted AS (

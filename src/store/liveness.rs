@@ -142,47 +142,50 @@ async fn release_jobs(
                SET outcome = 'unknown', cost_usd = c.reserved_cost_usd, finished_at = now(),
                    error = 'its worker stopped before recording the answer; charged at its reservation'
              WHERE c.replica_id = ANY($1) AND c.outcome = 'pending'
-            RETURNING c.batch_id, c.custom_id, c.reserved_cost_usd, c.budget_keys
+            RETURNING c.batch_id, c.custom_id, c.attempt, c.started_at, c.reserved_cost_usd, c.budget_keys
         ), spend AS (
             UPDATE sheepdog.budget b SET spent = b.spent + x.r, reserved = b.reserved - x.r
               FROM (SELECT regexp_replace(k, '\|[^|]*$', '') AS scope, regexp_replace(k, '^.*\|', '') AS pk,
                            sum(stale.reserved_cost_usd) AS r
                       FROM stale CROSS JOIN LATERAL unnest(stale.budget_keys) AS k GROUP BY 1, 2) x
              WHERE b.scope = x.scope AND b.period_key = x.pk
-        ), cost AS (
-            SELECT batch_id, custom_id, sum(reserved_cost_usd) AS c FROM stale GROUP BY 1, 2
-        ), before AS (
-            SELECT j.batch_id, j.custom_id, j.message FROM sheepdog.jobs j
-             WHERE j.owner = ANY($1) AND j.status = 'running'
         ), fate AS (
             -- Out of attempts: failed. A batch cancelled or past its deadline: so ends its job.
-            SELECT before.*, coalesce(sheepdog.batch_end(bt.control, bt.expires_at),
-                                      CASE WHEN j.attempts >= $2 THEN 'failed' ELSE 'queued' END) AS status
-              FROM before
-              JOIN sheepdog.jobs j ON j.batch_id = before.batch_id AND j.custom_id = before.custom_id
-              LEFT JOIN sheepdog.batches bt ON bt.batch_id = before.batch_id
+            SELECT stale.batch_id, stale.custom_id, stale.attempt, stale.started_at,
+                   stale.reserved_cost_usd AS cost,
+                   coalesce(sheepdog.batch_end(bt.control, bt.expires_at),
+                            CASE WHEN stale.attempt >= $2 THEN 'failed' ELSE 'queued' END) AS status
+              FROM stale LEFT JOIN sheepdog.batches bt ON bt.batch_id = stale.batch_id
+        ), before AS (
+            SELECT j.batch_id, j.custom_id,
+                   sheepdog.job_message(j.batch_id, j.custom_id, j.request, j.metadata, j.message) AS message
+              FROM sheepdog.jobs j JOIN fate f ON f.batch_id = j.batch_id AND f.custom_id = j.custom_id
+             WHERE f.status = 'failed'
         ), job AS (
             UPDATE sheepdog.jobs j SET
                 status = f.status,
                 owner = NULL,
-                cost_usd = j.cost_usd + coalesce(cost.c, 0),
+                attempts = greatest(j.attempts, f.attempt),
+                started_at = coalesce(j.started_at, f.started_at),
+                cost_usd = j.cost_usd + f.cost,
                 error = CASE f.status
                     WHEN 'failed' THEN jsonb_build_object('code', 'attempts_exhausted', 'message',
-                         format('gave up after %s attempts; last: its worker stopped mid-call', j.attempts))
+                         format('gave up after %s attempts; last: its worker stopped mid-call', f.attempt))
                     WHEN 'cancelled' THEN sheepdog.batch_end_error(f.status)
                     WHEN 'expired' THEN sheepdog.batch_end_error(f.status)
                     ELSE j.error END,
                 finished_at = CASE WHEN f.status = 'queued' THEN NULL ELSE now() END,
-                message = CASE WHEN f.status = 'queued' THEN j.message ELSE NULL END
-              FROM fate f LEFT JOIN cost ON cost.batch_id = f.batch_id AND cost.custom_id = f.custom_id
-             WHERE j.batch_id = f.batch_id AND j.custom_id = f.custom_id
+                request = CASE WHEN f.status = 'queued' THEN j.request END,
+                message = CASE WHEN f.status = 'queued' THEN j.message END
+              FROM fate f
+             WHERE j.batch_id = f.batch_id AND j.custom_id = f.custom_id AND j.status IN ('queued', 'running')
             RETURNING j.*
         ), back AS (
             -- Taken over, a job keeps its place in line: it goes before those that came later.
-            INSERT INTO sheepdog.backlog (batch_id, custom_id, model, seq)
-            SELECT job.batch_id, job.custom_id, job.model, coalesce(job.seq, nextval('sheepdog.backlog_seq'))
+            INSERT INTO sheepdog.backlog (model, batch_id, seq, custom_id, attempts, reserve_tokens, reserve_cost_usd)
+            SELECT job.model, job.batch_id, coalesce(job.seq, nextval('sheepdog.backlog_seq')), job.custom_id,
+                   job.attempts, coalesce(job.reserve_tokens, 0), coalesce(job.reserve_cost_usd, 0)
               FROM job WHERE job.status = 'queued'
-            ON CONFLICT (batch_id, custom_id) DO NOTHING
         ), dead AS (
             INSERT INTO sheepdog.outbox (routing_key, headers, body)
             SELECT 'sheepdog.dead',

@@ -142,6 +142,11 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+/// Connections a replica's pool holds at most, whatever its concurrency: its rounds of settle
+/// and dispatch (one at a time), admissions (two statements at a time), the outbox, the upkeep
+/// and the gauges. With its life line, a replica holds at most `REPLICA_POOL + 1` connections.
+pub const REPLICA_POOL: u32 = 6;
+
 /// Opens a pool to the sheepdog database, creating the database if it is missing.
 pub async fn connect(url: &SecretString, max_connections: u32) -> anyhow::Result<PgPool> {
     let shown = redact_url(url.expose_secret());

@@ -168,8 +168,8 @@ pub struct EndedJob {
     pub status: super::JobStatus,
     pub status_code: Option<i32>,
     pub upstream_request_id: Option<String>,
-    /// The upstream body, as stored (not parsed again).
-    pub response: Option<sqlx::types::Json<Box<RawValue>>>,
+    /// The upstream body, as stored (its JSON text as it came).
+    pub response: Option<String>,
     pub error: Option<sqlx::types::Json<Value>>,
 }
 
@@ -205,11 +205,14 @@ impl EndedJob {
             id: &self.line_id,
             custom_id: &self.custom_id,
             response: match (&self.response, self.status_code) {
-                (Some(body), Some(status_code)) => Some(LineResponse {
-                    status_code,
-                    request_id: self.upstream_request_id.as_deref(),
-                    body: &body.0,
-                }),
+                // Stored as it came from the upstream, which answered JSON (read without a copy).
+                (Some(body), Some(status_code)) => {
+                    serde_json::from_str::<&RawValue>(body).ok().map(|body| LineResponse {
+                        status_code,
+                        request_id: self.upstream_request_id.as_deref(),
+                        body,
+                    })
+                }
                 _ => None,
             },
             error,

@@ -1,12 +1,12 @@
 //! Settling a call: the ledger row, the money, the tokens, and what becomes of the job, in one
-//! statement (so one transaction) for many calls at once.
+//! statement for many calls at once. It runs in the transaction of its replica's next dispatch
+//! (`store::dispatch::settle_and_dispatch`): one round trip and one commit for both.
 
 use rust_decimal::Decimal;
 use serde_json::Value;
 use sqlx::types::Json;
-use sqlx::PgPool;
+use sqlx::PgConnection;
 
-use super::batcher::Keyed;
 use super::{JobStatus, StoreError};
 use crate::job::JobId;
 
@@ -53,8 +53,11 @@ pub struct Settlement {
     pub id: JobId,
     pub model: String,
     pub call_id: i64,
-    /// The replica that made the call; the job is only changed while it still owns it.
-    pub replica: i64,
+    /// The call's attempt: with the job, its key in the ledger.
+    pub attempt: i32,
+    /// Its reservation is held in budgets or token windows other replicas share (see
+    /// `store::dispatch::settle_and_dispatch`).
+    pub shared: bool,
     pub outcome: CallOutcome,
     pub status_code: Option<i32>,
     pub prompt_tokens: Option<i64>,
@@ -66,29 +69,24 @@ pub struct Settlement {
     pub error: Option<String>,
     pub upstream_request_id: Option<String>,
     pub latency_ms: Option<i32>,
-    /// The upstream body (success) or its error body, stored on the job when it ends.
-    pub response: Option<Value>,
+    /// The upstream body (success) or its error body, as JSON text, stored on the job when it ends.
+    pub response: Option<String>,
     pub fate: JobFate,
 }
 
-impl Keyed for Settlement {
-    fn key(&self) -> &JobId {
-        &self.id
-    }
-}
-
-/// Settles calls in one statement. For each: the `calls` row (only while still `pending`); the
-/// budgets it was reserved in (the reservation becomes the real cost); the token buckets it took
-/// from (they get back what it did not use; an `unknown` call keeps its whole reservation); the
-/// job's tokens and cost; and, while this replica still owns the job, its end or its return to
-/// the backlog, and a dead letter in the outbox. Job identities must be distinct.
-pub async fn settle(pool: &PgPool, items: Vec<Settlement>) -> Result<Vec<()>, StoreError> {
+/// Settles calls in one statement, in the caller's transaction. For each call still `pending`
+/// (a call taken over meanwhile is not: its replica was taken for dead, and the takeover charged
+/// it): the ledger row; the budgets it was reserved in (the reservation becomes the real cost);
+/// the token windows it took from (they get back what it did not use; an `unknown` call keeps its
+/// whole reservation); and its job: its tokens, cost and attempts, and its end, or its return to
+/// the backlog (keeping its place in line), with a dead letter in the outbox when it ran out of
+/// attempts. Job identities must be distinct.
+pub async fn settle(conn: &mut PgConnection, items: &[Settlement]) -> Result<(), StoreError> {
     let n = items.len();
-    let mut call_ids = Vec::with_capacity(n);
+    let mut attempts = Vec::with_capacity(n);
     let mut batch_ids = Vec::with_capacity(n);
     let mut custom_ids = Vec::with_capacity(n);
     let mut models = Vec::with_capacity(n);
-    let mut replicas = Vec::with_capacity(n);
     let mut outcomes = Vec::with_capacity(n);
     let mut codes = Vec::with_capacity(n);
     let mut prompts = Vec::with_capacity(n);
@@ -105,12 +103,11 @@ pub async fn settle(pool: &PgPool, items: Vec<Settlement>) -> Result<Vec<()>, St
     let mut job_errors = Vec::with_capacity(n);
     let mut retry_ms = Vec::with_capacity(n);
     let mut dead = Vec::with_capacity(n);
-    for s in &items {
-        call_ids.push(s.call_id);
+    for s in items {
+        attempts.push(s.attempt);
         batch_ids.push(s.id.batch_id.as_str());
         custom_ids.push(s.id.custom_id.as_str());
         models.push(s.model.as_str());
-        replicas.push(s.replica);
         outcomes.push(s.outcome.as_str());
         codes.push(s.status_code);
         prompts.push(s.prompt_tokens);
@@ -122,7 +119,7 @@ pub async fn settle(pool: &PgPool, items: Vec<Settlement>) -> Result<Vec<()>, St
         errors.push(s.error.as_deref());
         request_ids.push(s.upstream_request_id.as_deref());
         latencies.push(s.latency_ms);
-        responses.push(s.response.as_ref().map(Json));
+        responses.push(s.response.as_deref());
         let (fate, job_error, after, dead_reason) = match &s.fate {
             JobFate::Succeeded => (JobStatus::Succeeded, None, None, None),
             JobFate::Failed { error, dead_letter } => {
@@ -135,16 +132,17 @@ pub async fn settle(pool: &PgPool, items: Vec<Settlement>) -> Result<Vec<()>, St
         retry_ms.push(after);
         dead.push(dead_reason);
     }
-    sqlx::query(&format!(
-        r#"
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            r#"
         WITH s AS (
-            SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[],
-                                 $7::int[], $8::bigint[], $9::bigint[], $10::bigint[], $11::numeric[],
-                                 $12::text[], $13::text[], $14::text[], $15::int[], $16::jsonb[], $17::jsonb[],
-                                 $18::bigint[], $19::text[], $20::bigint[], $21::bigint[])
-                AS t(call_id, batch_id, custom_id, model, replica, outcome, status_code, prompt_tokens,
-                     completion_tokens, cached_tokens, cost_usd, error, request_id, fate, latency_ms,
-                     response, job_error, retry_ms, dead_reason, cache_write_tokens, reasoning_tokens)
+            SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
+                                 $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[],
+                                 $12::numeric[], $13::text[], $14::text[], $15::text[], $16::int[], $17::text[],
+                                 $18::jsonb[], $19::bigint[], $20::text[])
+                AS t(attempt, batch_id, custom_id, model, outcome, status_code, prompt_tokens,
+                     completion_tokens, cached_tokens, cache_write_tokens, reasoning_tokens, cost_usd, error,
+                     request_id, fate, latency_ms, response, job_error, retry_ms, dead_reason)
         ), call AS (
             UPDATE sheepdog.calls c
                SET outcome = s.outcome, status_code = s.status_code, prompt_tokens = s.prompt_tokens,
@@ -153,19 +151,23 @@ pub async fn settle(pool: &PgPool, items: Vec<Settlement>) -> Result<Vec<()>, St
                    cost_usd = s.cost_usd, error = s.error, upstream_request_id = s.request_id,
                    finished_at = now()
               FROM s
-             WHERE c.id = s.call_id AND c.outcome = 'pending'
-            RETURNING c.id, c.budget_keys, c.reserved_cost_usd, c.reserved_tokens, c.token_slot
+             WHERE c.batch_id = s.batch_id AND c.custom_id = s.custom_id AND c.attempt = s.attempt
+               AND c.outcome = 'pending'
+            RETURNING c.batch_id, c.custom_id, c.started_at, c.budget_keys, c.reserved_cost_usd,
+                      c.reserved_tokens, c.token_slot
         ), u AS (
-            SELECT s.*, call.id IS NOT NULL AS fresh, call.budget_keys, call.reserved_cost_usd,
-                   call.reserved_tokens, call.token_slot
-              FROM s LEFT JOIN call ON call.id = s.call_id
+            -- Only calls still pending: a call settled twice (an answer lost with a connection)
+            -- or taken over meanwhile changes nothing more.
+            SELECT s.*, call.started_at AS call_started, call.budget_keys,
+                   call.reserved_cost_usd, call.reserved_tokens, call.token_slot
+              FROM s JOIN call ON call.batch_id = s.batch_id AND call.custom_id = s.custom_id
         ), spend AS (
             -- Each budget the call was reserved in: the reservation becomes the real cost.
             UPDATE sheepdog.budget b SET spent = b.spent + x.cost, reserved = b.reserved - x.reserved
               FROM (SELECT regexp_replace(k, '\|[^|]*$', '') AS scope, regexp_replace(k, '^.*\|', '') AS pk,
                            sum(u.cost_usd) AS cost, sum(u.reserved_cost_usd) AS reserved
                       FROM u CROSS JOIN LATERAL unnest(u.budget_keys) AS k
-                     WHERE u.fresh GROUP BY 1, 2) x
+                     GROUP BY 1, 2) x
              WHERE b.scope = x.scope AND b.period_key = x.pk
         ), refund AS (
             -- Token windows count what the upstream counted instead of the worst case, in the
@@ -174,12 +176,9 @@ pub async fn settle(pool: &PgPool, items: Vec<Settlement>) -> Result<Vec<()>, St
               FROM (SELECT scope, token_slot, sum(back) AS back FROM (
                         SELECT unnest(ARRAY['*', u.model]) AS scope, u.token_slot,
                                u.reserved_tokens - coalesce(u.prompt_tokens, 0) - coalesce(u.completion_tokens, 0) AS back
-                          FROM u WHERE u.fresh AND u.outcome <> 'unknown' AND u.token_slot IS NOT NULL) y
+                          FROM u WHERE u.outcome <> 'unknown' AND u.token_slot IS NOT NULL) y
                      GROUP BY scope, token_slot) x
              WHERE t.scope = x.scope AND t.slot = x.token_slot AND x.back IS NOT NULL AND x.back <> 0
-        ), before AS (
-            SELECT j.batch_id, j.custom_id, j.message
-              FROM sheepdog.jobs j JOIN s ON j.batch_id = s.batch_id AND j.custom_id = s.custom_id
         ), v AS (
             -- A job that would wait again ends instead when its batch was cancelled meanwhile,
             -- or its completion window is over.
@@ -187,11 +186,19 @@ pub async fn settle(pool: &PgPool, items: Vec<Settlement>) -> Result<Vec<()>, St
                    CASE WHEN u.fate <> 'queued' THEN u.fate
                         ELSE coalesce(sheepdog.batch_end(bt.control, bt.expires_at), 'queued') END AS status
               FROM u LEFT JOIN sheepdog.batches bt ON bt.batch_id = u.batch_id
+        ), before AS (
+            -- What a dead letter is made of (read before the job row forgets it).
+            SELECT j.batch_id, j.custom_id,
+                   sheepdog.job_message(j.batch_id, j.custom_id, j.request, j.metadata, j.message) AS message
+              FROM sheepdog.jobs j JOIN v ON j.batch_id = v.batch_id AND j.custom_id = v.custom_id
+             WHERE v.dead_reason IS NOT NULL
         ), job AS (
             UPDATE sheepdog.jobs j SET
-                prompt_tokens = j.prompt_tokens + CASE WHEN v.fresh THEN coalesce(v.prompt_tokens, 0) ELSE 0 END,
-                completion_tokens = j.completion_tokens + CASE WHEN v.fresh THEN coalesce(v.completion_tokens, 0) ELSE 0 END,
-                cost_usd = j.cost_usd + CASE WHEN v.fresh THEN v.cost_usd ELSE 0 END,
+                prompt_tokens = j.prompt_tokens + coalesce(v.prompt_tokens, 0),
+                completion_tokens = j.completion_tokens + coalesce(v.completion_tokens, 0),
+                cost_usd = j.cost_usd + v.cost_usd,
+                attempts = greatest(j.attempts, v.attempt),
+                started_at = coalesce(j.started_at, v.call_started),
                 status = v.status,
                 owner = NULL,
                 latency_ms = CASE WHEN v.fate = 'queued' THEN j.latency_ms ELSE v.latency_ms END,
@@ -204,19 +211,21 @@ pub async fn settle(pool: &PgPool, items: Vec<Settlement>) -> Result<Vec<()>, St
                     WHEN 'expired' THEN sheepdog.batch_end_error(v.status)
                     ELSE v.job_error END,
                 finished_at = CASE WHEN v.status = 'queued' THEN NULL ELSE now() END,
-                message = CASE WHEN v.status = 'queued' THEN j.message ELSE NULL END
+                request = CASE WHEN v.status = 'queued' THEN j.request END,
+                message = CASE WHEN v.status = 'queued' THEN j.message END
               FROM v
-             WHERE j.batch_id = v.batch_id AND j.custom_id = v.custom_id
-               AND j.status = 'running' AND j.owner = v.replica
-            RETURNING j.batch_id, j.custom_id, j.model, j.seq, j.status, j.finished_at, v.retry_ms, v.dead_reason
+             WHERE j.batch_id = v.batch_id AND j.custom_id = v.custom_id AND j.status IN ('queued', 'running')
+            RETURNING j.batch_id, j.custom_id, j.model, j.seq, j.status, j.finished_at, j.attempts,
+                      j.reserve_tokens, j.reserve_cost_usd, v.retry_ms, v.dead_reason
         ), back AS (
             -- A retry keeps its place in line; only its time is later.
-            INSERT INTO sheepdog.backlog (batch_id, custom_id, model, seq, run_at)
-            SELECT job.batch_id, job.custom_id, job.model, coalesce(job.seq, nextval('sheepdog.backlog_seq')),
+            INSERT INTO sheepdog.backlog (model, batch_id, seq, custom_id, attempts, reserve_tokens,
+                                          reserve_cost_usd, run_at)
+            SELECT job.model, job.batch_id, coalesce(job.seq, nextval('sheepdog.backlog_seq')), job.custom_id,
+                   job.attempts, coalesce(job.reserve_tokens, 0), coalesce(job.reserve_cost_usd, 0),
                    now() + make_interval(secs => coalesce(job.retry_ms, 0) / 1000.0)
               FROM job
              WHERE job.status = 'queued'
-            ON CONFLICT (batch_id, custom_id) DO NOTHING
         ), counted AS (
             -- The batch's figures: calls, tokens and cost of every call recorded now; jobs that ended.
             INSERT INTO sheepdog.batch_progress
@@ -227,7 +236,7 @@ pub async fn settle(pool: &PgPool, items: Vec<Settlement>) -> Result<Vec<()>, St
               FROM (SELECT batch_id, 0 AS ok, 0 AS bad, 0 AS canc, 0 AS exp, 1 AS calls,
                            coalesce(prompt_tokens, 0) AS pt, coalesce(completion_tokens, 0) AS ct,
                            cost_usd AS cost, NULL::timestamptz AS fin
-                      FROM u WHERE fresh
+                      FROM u
                     UNION ALL
                     SELECT batch_id, (status = 'succeeded')::int, (status = 'failed')::int,
                            (status = 'cancelled')::int, (status = 'expired')::int, 0, 0, 0, 0, finished_at
@@ -241,30 +250,31 @@ pub async fn settle(pool: &PgPool, items: Vec<Settlement>) -> Result<Vec<()>, St
           FROM job JOIN before ON before.batch_id = job.batch_id AND before.custom_id = job.custom_id
          WHERE job.dead_reason IS NOT NULL AND before.message IS NOT NULL
         "#,
-        FINISHED_EVENTS = super::batches::FINISHED_EVENTS
-    ))
-    .bind(&call_ids)
-    .bind(&batch_ids)
-    .bind(&custom_ids)
-    .bind(&models)
-    .bind(&replicas)
-    .bind(&outcomes)
-    .bind(&codes)
-    .bind(&prompts)
-    .bind(&completions)
-    .bind(&cached)
-    .bind(&costs)
-    .bind(&errors)
-    .bind(&request_ids)
-    .bind(&fates)
-    .bind(&latencies)
-    .bind(&responses)
-    .bind(&job_errors)
-    .bind(&retry_ms)
-    .bind(&dead)
-    .bind(&written)
-    .bind(&reasoning)
-    .execute(pool)
-    .await?;
-    Ok(vec![(); n])
+            FINISHED_EVENTS = super::batches::FINISHED_EVENTS
+        )
+    });
+    sqlx::query(SQL.as_str())
+        .bind(&attempts)
+        .bind(&batch_ids)
+        .bind(&custom_ids)
+        .bind(&models)
+        .bind(&outcomes)
+        .bind(&codes)
+        .bind(&prompts)
+        .bind(&completions)
+        .bind(&cached)
+        .bind(&written)
+        .bind(&reasoning)
+        .bind(&costs)
+        .bind(&errors)
+        .bind(&request_ids)
+        .bind(&fates)
+        .bind(&latencies)
+        .bind(&responses)
+        .bind(&job_errors)
+        .bind(&retry_ms)
+        .bind(&dead)
+        .execute(conn)
+        .await?;
+    Ok(())
 }

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use secrecy::{ExposeSecret, SecretString};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::error::{classify, truncate, Verdict};
 use super::ratelimit::RateLimitInfo;
@@ -15,6 +15,8 @@ use crate::prices::Usage;
 pub struct Response {
     pub status: u16,
     pub body: Value,
+    /// The body as JSON text: as it came when it was JSON (stored as it is, never encoded again).
+    pub raw: String,
     /// The `x-request-id` header, else the body's `id`.
     pub request_id: Option<String>,
     pub usage: Option<Usage>,
@@ -74,10 +76,15 @@ impl Client {
         &self.url
     }
 
-    /// Sends one request. Never fails: every failure is an [`Attempt`] with a verdict.
-    pub async fn call(&self, body: &Map<String, Value>) -> Attempt {
+    /// Sends one request (a JSON body, as bytes). Never fails: every failure is an [`Attempt`]
+    /// with a verdict.
+    pub async fn call(&self, body: Vec<u8>) -> Attempt {
         let started = Instant::now();
-        let mut req = self.http.post(&self.url).json(body);
+        let mut req = self
+            .http
+            .post(&self.url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
         if let Some(key) = &self.api_key {
             req = req.bearer_auth(key.expose_secret());
         }
@@ -107,10 +114,20 @@ impl Client {
             Err(ReadError::Http(e)) => return network_failure(e, started),
         };
         let latency = started.elapsed();
-        let body: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-            let text = String::from_utf8_lossy(&bytes);
-            serde_json::json!({"error": {"message": truncate(&text, 500), "type": "unparsable_response"}})
-        });
+        let (body, raw) = match serde_json::from_slice::<Value>(&bytes) {
+            Ok(body) => {
+                // Valid JSON is valid UTF-8.
+                let raw = String::from_utf8(bytes).unwrap_or_default();
+                (body, raw)
+            }
+            Err(_) => {
+                let text = String::from_utf8_lossy(&bytes);
+                let body =
+                    serde_json::json!({"error": {"message": truncate(&text, 500), "type": "unparsable_response"}});
+                let raw = body.to_string();
+                (body, raw)
+            }
+        };
         let verdict = classify(status, &headers, &body);
         let request_id = headers
             .get("x-request-id")
@@ -125,6 +142,7 @@ impl Client {
             response: Some(Response {
                 status,
                 body,
+                raw,
                 request_id,
                 usage,
                 limits,

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use rust_decimal::Decimal;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::limits::breaker::Health;
 use crate::limits::throttle::UpstreamLimit;
@@ -62,8 +62,8 @@ pub struct Decision {
     pub ledger: Ledger,
     /// The job's end, or its return to the backlog.
     pub fate: JobFate,
-    /// The body stored as the job's response when it ends.
-    pub response: Option<Value>,
+    /// The body stored as the job's response when it ends (JSON text, as it came).
+    pub response: Option<String>,
     /// What the breakers record, in this order.
     pub breakers: Vec<BreakerNote>,
     /// What the upstream said about its own limit (for the model's scope).
@@ -83,7 +83,7 @@ pub fn decide(a: &Attempt, ctx: &Context) -> Decision {
     Decision {
         ledger: ledger_of(a, ctx),
         fate: fate_of(a, ctx),
-        response: a.response.as_ref().map(|r| r.body.clone()),
+        response: a.response.as_ref().map(|r| r.raw.clone()),
         breakers: breaker_notes(a, ctx),
         upstream_limit: upstream_limit_of(a, ctx),
         // The first call after a pause opens the gate unless it met the next 429.

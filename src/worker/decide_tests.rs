@@ -3,6 +3,7 @@
 use super::*;
 use crate::upstream::ratelimit::RateLimitInfo;
 use crate::upstream::Response;
+use serde_json::Value;
 use std::str::FromStr;
 
 fn price() -> Price {
@@ -33,6 +34,7 @@ fn answered(status: u16, body: Value, verdict: Verdict) -> Attempt {
         response: Some(Response {
             status,
             usage: Usage::from_response(&body),
+            raw: body.to_string(),
             body,
             request_id: Some("req_1".into()),
             limits: RateLimitInfo::default(),
@@ -59,7 +61,7 @@ fn a_2xx_with_usage_succeeds_at_its_exact_cost() {
     assert_eq!(d.fate, JobFate::Succeeded);
     assert_eq!(d.ledger.outcome, CallOutcome::Ok);
     assert_eq!(d.ledger.cost_usd, Decimal::from_str("0.00028").unwrap());
-    assert_eq!(d.response, Some(body));
+    assert_eq!(d.response, Some(body.to_string()));
     assert_eq!(d.breakers, vec![BreakerNote::Record(Health::Answered)]);
 }
 

@@ -1,95 +1,200 @@
-//! The dispatcher: fills this replica's free slots with the jobs dispatch grants it.
+//! The dispatcher: settles the calls that came back and fills this replica's free slots with
+//! the jobs dispatch grants it, both in one transaction per round.
 //!
-//! It waits for a free slot, grabs every slot free at that moment, and asks `store::dispatch`
-//! for that many jobs. Each granted job runs in its own task holding one slot. When nothing
-//! was granted it sleeps until the soonest moment a limit may have room, or until intake,
-//! a finished call or a takeover wakes it, and at most `IDLE` in any case.
+//! A round takes every call that came back (with its slot) and every slot free at that moment,
+//! and asks `store::dispatch::settle_and_dispatch` to settle the first and fill the second: one
+//! round trip and one commit for both, and a returned call's slot goes straight to the next job.
+//! Each granted job runs in its own task holding one slot. When nothing was granted it sleeps
+//! until the soonest moment a limit may have room, or until intake, a returned call or a
+//! takeover wakes it, and at most `IDLE` in any case.
+//!
+//! Settlements are held through a database outage (for an hour at most), not dropped: a call
+//! was made and is recorded once the database answers. A call whose settlement could not be
+//! written stays in hand: it was made, and is never made again.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::Worker;
+use super::{Returned, Worker};
+use crate::store::settle::Settlement;
+use crate::store::StoreError;
 
 /// The longest the dispatcher sleeps before it looks again (jobs due from a retry, jobs
 /// admitted by other replicas, a limit raised).
 const IDLE: Duration = Duration::from_millis(250);
 /// The shortest pause between two dispatches that granted nothing.
 const MIN_GAP: Duration = Duration::from_millis(5);
-/// The most jobs one dispatch asks for.
+/// The most jobs one round asks for.
 const MAX_ASK: usize = 256;
+/// The most calls one round settles.
+const MAX_SETTLE: usize = 512;
+/// How long a settlement is held through a database outage before it is given up on (its
+/// replica's takeover then charges the call at its reservation).
+const HOLD: Duration = Duration::from_secs(3600);
 
-pub async fn run(w: Arc<Worker>, stop: CancellationToken, calls: TaskTracker) {
+/// Runs rounds until `stop` (granting ends at `stop_granting`; settling goes on until `stop`).
+pub async fn run(w: Arc<Worker>, stop_granting: CancellationToken, stop: CancellationToken, calls: TaskTracker) {
     let mut failures = 0u32;
     let mut idle = true;
-    // A dispatch that failed on a lost connection may have committed: its grants are then this
-    // replica's in Postgres (jobs running, calls pending) but in no task. Looked for once the
-    // database answers again; no other replica would ever take them (this one is alive).
+    // A round that failed on a lost connection may have committed: its grants are then this
+    // replica's in Postgres (calls pending) but in no task. Looked for once the database answers
+    // again; no other replica would ever take them (this one is alive).
     let mut maybe_lost = false;
+    // Calls that came back and are not settled yet, carried from round to round while the
+    // database does not answer.
+    let mut held: Vec<Returned> = Vec::new();
     loop {
-        let first = tokio::select! {
-            p = w.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = stop.cancelled() => return,
-        };
-        let mut permits = vec![first];
-        while permits.len() < MAX_ASK {
-            match w.slots.clone().try_acquire_owned() {
-                Ok(p) => permits.push(p),
-                Err(_) => break,
+        if held.len() < MAX_SETTLE {
+            held.extend(w.take_returned(MAX_SETTLE - held.len()));
+        }
+        let granting = !stop_granting.is_cancelled();
+        // Free slots: those of the returned calls (free once they are settled) and idle ones.
+        let mut free: Vec<OwnedSemaphorePermit> = Vec::new();
+        if granting {
+            while held.len() + free.len() < MAX_ASK {
+                match w.slots.clone().try_acquire_owned() {
+                    Ok(p) => free.push(p),
+                    Err(_) => break,
+                }
             }
         }
-        let asked = permits.len();
+        if held.is_empty() && free.is_empty() {
+            // Nothing to settle and no slot free: every slot is out on a call, whose return wakes us.
+            if stop.is_cancelled() && w.unsettled() == 0 {
+                return;
+            }
+            tokio::select! {
+                _ = stop.cancelled(), if !stop.is_cancelled() => {}
+                _ = tokio::time::sleep(IDLE) => {}
+                _ = w.wake.notified() => {}
+            }
+            continue;
+        }
+        let asked = if granting {
+            (held.len() + free.len()).min(MAX_ASK)
+        } else {
+            0
+        };
+        let settlements: Vec<Settlement> = held.iter().map(|r| r.settlement.clone()).collect();
         let started = Instant::now();
-        let wait = match crate::store::dispatch::dispatch(&w.pool, w.replica(), asked, w.probe_lease(), idle).await {
+        let round = crate::store::dispatch::settle_and_dispatch(
+            &w.pool,
+            &settlements,
+            w.replica(),
+            asked,
+            w.probe_lease(),
+            idle,
+        )
+        .await;
+        let wait = match round {
             Ok(d) => {
                 failures = 0;
-                idle = d.idle || d.jobs.is_empty();
                 w.database_ok();
-                if !d.idle {
-                    w.metrics.health.set_held(d.blocked.clone(), d.lanes_blocked.clone());
-                } else {
-                    w.metrics.health.set_held(None, Vec::new());
+                // Settled: their slots are free for the grants.
+                let n = held.len();
+                for r in held.drain(..) {
+                    w.release(r.settlement.call_id);
+                    super::execute::log_and_count(&w, &r.settlement);
+                    free.push(r.slot);
+                }
+                w.settled(n);
+                idle = d.idle || d.jobs.is_empty();
+                if asked > 0 {
+                    if !d.idle {
+                        w.metrics.health.set_held(d.blocked.clone(), d.lanes_blocked.clone());
+                    } else {
+                        w.metrics.health.set_held(None, Vec::new());
+                    }
                 }
                 let granted = d.jobs.len();
                 for job in d.jobs {
-                    let permit = permits.pop().expect("no more grants than slots asked for");
+                    let permit = free.pop().expect("no more grants than slots asked for");
                     w.hold(job.call_id);
                     calls.spawn(super::execute::run(w.clone(), job, permit));
                 }
-                drop(permits);
+                drop(free);
                 if std::mem::take(&mut maybe_lost) {
                     maybe_lost = !recover_lost_grants(&w, &calls).await;
                 }
-                if granted == asked {
+                if asked > 0 && granted == asked {
                     None
-                } else if d.idle {
+                } else if asked == 0 || d.idle {
                     Some(IDLE)
                 } else {
                     Some(d.retry_in.unwrap_or(IDLE).clamp(MIN_GAP, IDLE))
                 }
             }
             Err(e) => {
-                drop(permits);
+                drop(free);
                 maybe_lost |= e.is_unavailable();
                 w.database_failed(&e);
                 if !e.is_unavailable() {
                     tracing::error!(error = %e, "dispatch failed");
+                    if !held.is_empty() {
+                        // A statement refused: settle the calls one at a time, so one bad row
+                        // cannot hold the others back.
+                        settle_one_by_one(&w, &mut held).await;
+                    }
+                } else if !held.is_empty() {
+                    tracing::warn!(calls = held.len(), error = %e, "cannot record results yet; holding them");
                 }
+                give_up_on_old(&w, &mut held);
                 failures += 1;
                 Some(Duration::from_millis(200 * 2u64.pow(failures.min(4))))
             }
         };
         if let Some(wait) = wait {
+            if stop.is_cancelled() && held.is_empty() && w.unsettled() == 0 {
+                return;
+            }
             let gap = MIN_GAP.saturating_sub(started.elapsed());
             tokio::select! {
-                _ = stop.cancelled() => return,
+                _ = stop.cancelled(), if !stop.is_cancelled() => {}
                 _ = tokio::time::sleep(wait) => {}
                 _ = async { tokio::time::sleep(gap).await; w.wake.notified().await } => {}
             }
         }
     }
+}
+
+/// Settles the held calls each in a round of its own (asking for no job). A settlement the
+/// database refuses is given up on: its call stays in hand (it was made; it is never made again)
+/// and its replica's takeover charges it at its reservation.
+async fn settle_one_by_one(w: &Arc<Worker>, held: &mut Vec<Returned>) {
+    let mut kept = Vec::new();
+    for r in held.drain(..) {
+        let one = std::slice::from_ref(&r.settlement);
+        match crate::store::dispatch::settle_and_dispatch(&w.pool, one, w.replica(), 0, w.probe_lease(), true).await {
+            Ok(_) => {
+                w.release(r.settlement.call_id);
+                super::execute::log_and_count(w, &r.settlement);
+                w.settled(1);
+            }
+            Err(StoreError::Rejected(e)) => {
+                tracing::error!(job = %r.settlement.id, error = %e, "could not record a call; its replica's takeover will charge it");
+                w.settled(1);
+            }
+            Err(_) => kept.push(r),
+        }
+    }
+    *held = kept;
+}
+
+/// Gives up on settlements held longer than `HOLD` (the database has been gone for an hour).
+fn give_up_on_old(w: &Arc<Worker>, held: &mut Vec<Returned>) {
+    let before = held.len();
+    held.retain(|r| {
+        let keep = r.since.elapsed() < HOLD;
+        if !keep {
+            tracing::error!(job = %r.settlement.id, "could not record a call for an hour; its replica's takeover will charge it");
+        }
+        keep
+    });
+    w.settled(before - held.len());
 }
 
 /// Runs the grants this replica holds in Postgres but in no task (see `maybe_lost`), each in

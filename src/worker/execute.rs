@@ -1,13 +1,12 @@
 //! One granted call: send it, decide what the answer means, carry the decision out.
 //!
 //! Carrying out is one fixed order: tell the breakers and the upstream limit what the answer
-//! said (so other replicas stop as soon as possible), then settle the ledger row, the money
-//! and the job in one statement (held through a database outage rather than lost), then count
-//! and log it.
+//! said (so other replicas stop as soon as possible), then hand the settlement (the ledger row,
+//! the money and the job's fate) to the dispatcher, which writes it in its next round's
+//! transaction together with the next grants, and counts and logs it once that commits.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use rand::Rng;
 use serde_json::json;
@@ -17,9 +16,11 @@ use super::decide::{decide, BreakerNote, Context, Decision};
 use super::Worker;
 use crate::job::Job;
 use crate::limits::throttle::{self, UpstreamLimit};
-use crate::store::dispatch::Granted;
+use crate::store::dispatch::{Granted, Payload};
 use crate::store::settle::{CallOutcome, JobFate, Settlement};
 
+/// Calls the upstream for a granted job and hands its settlement, with the job's slot, to the
+/// dispatcher. The slot stays taken until the settlement is written.
 pub async fn run(w: Arc<Worker>, g: Granted, permit: OwnedSemaphorePermit) {
     w.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
     let replica = w.replica();
@@ -27,16 +28,8 @@ pub async fn run(w: Arc<Worker>, g: Granted, permit: OwnedSemaphorePermit) {
         Ok(s) => s,
         Err(s) => s,
     };
-    match settle(&w, settlement).await {
-        // (A call whose settlement failed stays in hand: it was made, and must not be made again.)
-        Ok(()) => w.release(g.call_id),
-        Err(e) => {
-            tracing::error!(job = %g.id, error = %e, "could not record a call; its replica's takeover will charge it")
-        }
-    }
     w.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
-    drop(permit);
-    w.wake_dispatcher();
+    w.returned(settlement, permit);
 }
 
 /// Makes the call and decides. `Err` carries a settlement for a job that could not be called
@@ -46,7 +39,8 @@ async fn call(w: &Worker, g: &Granted, replica: i64) -> Result<Settlement, Settl
         id: g.id.clone(),
         model: g.model.clone(),
         call_id: g.call_id,
-        replica,
+        attempt: g.attempt,
+        shared: g.shared,
         outcome: CallOutcome::Error,
         status_code: None,
         prompt_tokens: None,
@@ -64,15 +58,23 @@ async fn call(w: &Worker, g: &Granted, replica: i64) -> Result<Settlement, Settl
             dead_letter: Some(why),
         },
     };
-    let job = Job::parse(&g.message, usize::MAX).map_err(|e| refuse(format!("stored message is invalid: {e}")))?;
-    let price = w.prices.get(&job.model).ok_or_else(|| {
+    let price = w.prices.get(&g.model).ok_or_else(|| {
         refuse(format!(
             "model {:?} has no price in this replica's price table",
-            job.model
+            g.model
         ))
     })?;
-    let request = job.upstream_request(w.args.pricing.default_max_tokens, price.reasoning);
-    let attempt = w.client.call(&request.body).await;
+    let body = match &g.payload {
+        // Made when the job arrived: sent as it is.
+        Payload::Request(request) => request.clone(),
+        // A job stored by an earlier version: its request is made now.
+        Payload::Message(message) => {
+            let job = Job::parse(message, usize::MAX).map_err(|e| refuse(format!("stored message is invalid: {e}")))?;
+            let request = job.upstream_request(w.args.pricing.default_max_tokens, price.reasoning);
+            serde_json::to_vec(&request.body).map_err(|e| refuse(format!("cannot encode the request: {e}")))?
+        }
+    };
+    let attempt = w.client.call(body).await;
     let ctx = Context {
         attempt: g.attempt.max(1) as u32,
         max_attempts: w.args.max_attempts,
@@ -87,13 +89,13 @@ async fn call(w: &Worker, g: &Granted, replica: i64) -> Result<Settlement, Settl
     tell_the_shared_state(w, g, replica, &d).await;
     w.metrics.call(
         d.ledger.outcome.as_str(),
-        &job.model,
+        &g.model,
         attempt.latency,
         d.ledger.usage.map_or(0, |u| u.prompt_tokens),
         d.ledger.usage.map_or(0, |u| u.completion_tokens),
         d.ledger.cost_usd,
     );
-    Ok(settlement(g, replica, d))
+    Ok(settlement(g, d))
 }
 
 /// Breakers, account, the upstream's limit: what this answer tells every replica.
@@ -132,12 +134,13 @@ async fn tell_the_shared_state(w: &Worker, g: &Granted, replica: i64, d: &Decisi
     }
 }
 
-fn settlement(g: &Granted, replica: i64, d: Decision) -> Settlement {
+fn settlement(g: &Granted, d: Decision) -> Settlement {
     Settlement {
         id: g.id.clone(),
         model: g.model.clone(),
         call_id: g.call_id,
-        replica,
+        attempt: g.attempt,
+        shared: g.shared,
         outcome: d.ledger.outcome,
         status_code: d.ledger.status_code,
         prompt_tokens: d.ledger.usage.map(|u| u.prompt_tokens as i64),
@@ -154,31 +157,8 @@ fn settlement(g: &Granted, replica: i64, d: Decision) -> Settlement {
     }
 }
 
-/// Writes a settlement, holding on to it through a database outage rather than losing a call
-/// that was made. Gives up only when the replica has been taken for dead meanwhile (its
-/// takeover has then charged the call at its reservation).
-async fn settle(w: &Worker, s: Settlement) -> Result<(), crate::store::StoreError> {
-    let mut delay = Duration::from_millis(200);
-    let started = std::time::Instant::now();
-    loop {
-        match w.settles.call(s.clone()).await {
-            Ok(()) => {
-                w.database_ok();
-                log_and_count(w, &s);
-                return Ok(());
-            }
-            Err(e) if e.is_unavailable() && started.elapsed() < Duration::from_secs(3600) => {
-                w.database_failed(&e);
-                tracing::warn!(job = %s.id, error = %e, "cannot record a result yet; holding it");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-fn log_and_count(w: &Worker, s: &Settlement) {
+/// Counts and logs a settled call (once its settlement committed).
+pub(super) fn log_and_count(w: &Worker, s: &Settlement) {
     let status = match &s.fate {
         JobFate::Succeeded => {
             w.metrics.jobs_succeeded.fetch_add(1, Ordering::Relaxed);

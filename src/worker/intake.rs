@@ -246,13 +246,16 @@ async fn take_in(w: &Worker, delivery: &Delivery, publish_ch: &Channel) -> anyho
     let request = job.upstream_request(w.args.pricing.default_max_tokens, price.reasoning);
     let prompt = crate::tokens::prompt_reservation(&job.model, crate::tokens::prompt_tokens(&request.body));
     let completion = u64::from(request.max_completion_tokens);
+    let reserve_cost_usd = price.worst_case(prompt, completion);
+    // Made once, here: every call of the job sends these bytes as they are.
+    let request = serde_json::to_vec(&request.body)?;
     let admission = Admission {
         id: job.id.clone(),
         model: job.model.clone(),
         metadata: job.metadata.clone(),
-        message: delivery.data.clone(),
+        request,
         reserve_tokens: (prompt + completion) as i64,
-        reserve_cost_usd: price.worst_case(prompt, completion),
+        reserve_cost_usd,
     };
     match w.admits.call(admission).await? {
         Admitted::Waiting => w.wake_dispatcher(),

@@ -35,6 +35,7 @@ use crate::store::intake::{Admission, Admitted};
 use crate::store::settle::Settlement;
 use crate::store::StoreError;
 use crate::upstream::Client;
+use tokio::sync::OwnedSemaphorePermit;
 
 /// Everything a replica's tasks share.
 pub struct Worker {
@@ -55,7 +56,11 @@ pub struct Worker {
     /// Postgres holds for this replica that is not here was lost with a dispatch's answer.
     in_hand: std::sync::Mutex<std::collections::HashSet<i64>>,
     admits: Batcher<Admission, Admitted>,
-    settles: Batcher<Settlement, ()>,
+    /// Calls that came back, waiting for the dispatcher's next round to settle them, each with
+    /// its slot (taken until its settlement is written).
+    returned: std::sync::Mutex<Vec<Returned>>,
+    /// Calls that came back and are not settled yet (queued, or in a round under way).
+    unsettled: std::sync::atomic::AtomicUsize,
     /// Fault injection for the crash tests (`SHEEPDOG_FAULT=exit-after-admit`: the process
     /// exits right after its first admission commits, before the ack).
     fault: Option<String>,
@@ -74,16 +79,13 @@ impl Worker {
         replica: i64,
     ) -> Arc<Worker> {
         let fault = std::env::var("SHEEPDOG_FAULT").ok().filter(|f| !f.is_empty());
-        let parallel = (pool.options().get_max_connections() as usize / 3).max(2);
+        // Two admitting statements at a time leave the pool's other connections to the rounds,
+        // the outbox and the upkeep.
+        let parallel = 2;
         let p = pool.clone();
         let admits = Batcher::new(256, parallel, move |items| {
             let p = p.clone();
             async move { crate::store::intake::admit(&p, items).await }
-        });
-        let p = pool.clone();
-        let settles = Batcher::new(128, parallel, move |items| {
-            let p = p.clone();
-            async move { crate::store::settle::settle(&p, items).await }
         });
         let metrics = Arc::new(Metrics::default());
         metrics.health.set_replica(replica);
@@ -103,7 +105,8 @@ impl Worker {
             wake: Notify::new(),
             in_hand: Default::default(),
             admits,
-            settles,
+            returned: Default::default(),
+            unsettled: Default::default(),
             fault,
         })
     }
@@ -140,6 +143,8 @@ impl Worker {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> anyhow::Result<()> {
         crate::tokens::warm_up();
         let stop_intake = shutdown.child_token();
+        // Granting stops at the signal; settling goes on until every call in hand is settled.
+        let stop_granting = shutdown.child_token();
         let stop_dispatch = CancellationToken::new();
         let stop_background = CancellationToken::new();
         let calls = TaskTracker::new();
@@ -147,21 +152,36 @@ impl Worker {
         let gauges = tokio::spawn(self.clone().follow(stop_background.clone()));
         let vacuum = tokio::spawn(liveness::vacuum(self.clone(), stop_background.clone()));
         let intake = tokio::spawn(intake::run(self.clone(), stop_intake.clone()));
-        let dispatch = tokio::spawn(dispatcher::run(self.clone(), stop_dispatch.clone(), calls.clone()));
+        let dispatch = tokio::spawn(dispatcher::run(
+            self.clone(),
+            stop_granting.clone(),
+            stop_dispatch.clone(),
+            calls.clone(),
+        ));
 
         shutdown.cancelled().await;
         tracing::info!(
             in_flight = self.metrics.in_flight.load(std::sync::atomic::Ordering::Relaxed),
             "stopping: taking no new jobs; finishing the calls in flight"
         );
-        stop_dispatch.cancel();
-        let _ = dispatch.await;
         let _ = intake.await;
         calls.close();
         let grace = Duration::from_secs_f64(self.args.grace_seconds.max(0.0));
+        let started = std::time::Instant::now();
         if tokio::time::timeout(grace, calls.wait()).await.is_err() {
             tracing::warn!("grace period over; handing back the jobs still in flight");
         }
+        // The dispatcher settles what came back (within what is left of the grace, and at least a
+        // few seconds), then stops.
+        let settling = grace.saturating_sub(started.elapsed()).max(Duration::from_secs(5));
+        let _ = tokio::time::timeout(settling, async {
+            while self.unsettled() > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        stop_dispatch.cancel();
+        let _ = dispatch.await;
         // What is still out: its calls become `unknown` (charged at their reservation) and its
         // jobs go back to the backlog, for another replica.
         match crate::store::liveness::release_own(&self.pool, self.replica(), self.args.max_attempts).await {
@@ -210,7 +230,43 @@ impl Worker {
     }
 }
 
+/// A call that came back: its settlement and its slot.
+pub(crate) struct Returned {
+    pub settlement: Settlement,
+    pub slot: OwnedSemaphorePermit,
+    /// When it came back (a settlement is held through a database outage for an hour at most).
+    pub since: std::time::Instant,
+}
+
 impl Worker {
+    /// Hands a call's settlement to the dispatcher, with its slot, and wakes it.
+    pub(crate) fn returned(&self, settlement: Settlement, slot: OwnedSemaphorePermit) {
+        self.unsettled.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.returned.lock().unwrap_or_else(|e| e.into_inner()).push(Returned {
+            settlement,
+            slot,
+            since: std::time::Instant::now(),
+        });
+        self.wake_dispatcher();
+    }
+
+    /// Takes up to `n` calls that came back, oldest first.
+    pub(crate) fn take_returned(&self, n: usize) -> Vec<Returned> {
+        let mut q = self.returned.lock().unwrap_or_else(|e| e.into_inner());
+        let n = n.min(q.len());
+        q.drain(..n).collect()
+    }
+
+    /// Calls that came back and are not settled yet.
+    pub(crate) fn unsettled(&self) -> usize {
+        self.unsettled.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Notes `n` calls as settled (or given up on).
+    pub(crate) fn settled(&self, n: usize) {
+        self.unsettled.fetch_sub(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Notes a granted call as in hand (until it is settled).
     pub(crate) fn hold(&self, call_id: i64) {
         self.in_hand.lock().unwrap_or_else(|e| e.into_inner()).insert(call_id);
