@@ -22,6 +22,64 @@ pub struct DbArgs {
         hide_env_values = true
     )]
     pub database_url: SecretString,
+    /// How DATABASE_URL reaches Postgres: `session` (directly, or a pooler in session mode) or
+    /// `transaction` (a pooler in transaction mode, such as PgBouncer's `pool_mode =
+    /// transaction`: statements are then sent unprepared, each inside a transaction).
+    #[arg(
+        long = "database-pool-mode",
+        env = "SHEEPDOG_DATABASE_POOL_MODE",
+        value_enum,
+        default_value = "session"
+    )]
+    pub pool_mode: PoolMode,
+    /// Postgres URL of what needs a session of its own: a replica's life line (its liveness
+    /// lock) and `migrate`. Defaults to DATABASE_URL; required with the `transaction` pool mode
+    /// (point it at Postgres itself, or at a pool in session mode).
+    #[arg(
+        long = "session-database-url",
+        env = "SHEEPDOG_SESSION_DATABASE_URL",
+        hide_env_values = true
+    )]
+    pub session_database_url: Option<SecretString>,
+}
+
+/// How `DATABASE_URL` reaches Postgres.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PoolMode {
+    /// Directly, or through a pooler in session mode: one server session per connection.
+    Session,
+    /// Through a pooler in transaction mode: a connection may reach another server after each
+    /// transaction.
+    Transaction,
+}
+
+impl DbArgs {
+    /// A direct connection to `url` (tests, benchmarks).
+    pub fn direct(url: SecretString) -> DbArgs {
+        DbArgs {
+            database_url: url,
+            pool_mode: PoolMode::Session,
+            session_database_url: None,
+        }
+    }
+
+    pub fn transaction_pooler(&self) -> bool {
+        self.pool_mode == PoolMode::Transaction
+    }
+
+    /// The URL for what needs a session of its own. Behind a pooler in transaction mode it must
+    /// be given: a session's lock taken through such a pooler stays on a server other clients
+    /// then use.
+    pub fn session_url(&self) -> anyhow::Result<&SecretString> {
+        match (&self.session_database_url, self.pool_mode) {
+            (Some(url), _) => Ok(url),
+            (None, PoolMode::Session) => Ok(&self.database_url),
+            (None, PoolMode::Transaction) => anyhow::bail!(
+                "SHEEPDOG_SESSION_DATABASE_URL is required with SHEEPDOG_DATABASE_POOL_MODE=transaction: \
+                 a replica's life line holds a session lock (point it at Postgres itself, or at a pool in session mode)"
+            ),
+        }
+    }
 }
 
 /// Where the broker lives.

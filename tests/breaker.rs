@@ -201,9 +201,16 @@ async fn a_hung_upstream_becomes_a_timeout_and_a_retry() {
     let mut up = env.upstream_args();
     up.http_timeout_seconds = 1.0;
     // The point of this test is the timeout itself, so it is set short here.
-    let w = sheepdog::commands::build_worker(&env.db_url, &env.amqp_url, &up, &a, &Default::default(), "w".into())
-        .await
-        .unwrap();
+    let w = sheepdog::commands::build_worker(
+        &sheepdog::config::DbArgs::direct(env.db_url.clone()),
+        &env.amqp_url,
+        &up,
+        &a,
+        &Default::default(),
+        "w".into(),
+    )
+    .await
+    .unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(w.clone().run(shutdown.clone()));
     let state = env.mock.state.clone();

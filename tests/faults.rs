@@ -150,7 +150,7 @@ async fn cut_connections_to_rabbitmq_and_postgres_are_survived() {
     let mut handles = Vec::new();
     for i in 0..3 {
         let w = sheepdog::commands::build_worker(
-            &db_url,
+            &sheepdog::config::DbArgs::direct(db_url.clone()),
             &amqp_url,
             &env.upstream_args(),
             &args,

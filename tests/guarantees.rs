@@ -169,7 +169,7 @@ async fn two_workers_with_a_total_budget_in_their_env_never_spend_past_it() {
             let held: bool = sqlx::query_scalar(
                 "SELECT NOT EXISTS (SELECT 1 FROM sheepdog.llm_calls WHERE outcome = 'pending')
                     AND (SELECT budget_left_usd FROM sheepdog.limit_usage WHERE scope = '*')
-                        < (SELECT min(reserve_cost_usd) FROM sheepdog.jobs WHERE status = 'queued' AND message IS NOT NULL)",
+                        < (SELECT min(reserve_cost_usd) FROM sheepdog.backlog)",
             )
             .fetch_one(&pool)
             .await

@@ -147,7 +147,7 @@ async fn postgres_tls_with_sslmode_verify_full_verifies_the_server() {
             "postgres://postgres@{host}:5432/postgres?sslmode=verify-full&sslrootcert={cert}"
         ))
     };
-    let pool = sheepdog::store::connect(&url("localhost"), 1)
+    let pool = sheepdog::store::connect(&url("localhost"), 1, false)
         .await
         .expect("TLS to the right name");
     let tls: (bool, String) = sqlx::query_as("SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
@@ -156,7 +156,7 @@ async fn postgres_tls_with_sslmode_verify_full_verifies_the_server() {
         .unwrap();
     assert!(tls.0, "the connection is encrypted ({})", tls.1);
     // The same server under a name its certificate does not carry is refused.
-    let err = sheepdog::store::connect(&url("127.0.0.1"), 1)
+    let err = sheepdog::store::connect(&url("127.0.0.1"), 1, false)
         .await
         .unwrap_err()
         .to_string();

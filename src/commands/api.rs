@@ -50,10 +50,11 @@ fn parse_ttl(s: &str) -> Result<Ttl, String> {
 
 /// Serves until SIGTERM/SIGINT, then exits 0.
 pub async fn run(a: ApiArgs) -> anyhow::Result<ExitCode> {
-    let pool = super::open_db(&a.db.database_url).await?;
+    let pool = super::open_db(&a.db).await?;
     pool.close().await;
     let settings = crate::web::api::Settings {
         addr: a.addr,
+        transaction_pooler: a.db.transaction_pooler(),
         database_url: a.db.database_url,
         amqp_url: a.amqp.amqp_url,
         prices: PriceTable::load(a.prices.as_deref())?,

@@ -99,7 +99,7 @@ pub async fn run(action: BatchAction) -> anyhow::Result<ExitCode> {
             json,
             db,
         } => {
-            let pool = super::open_db(&db.database_url).await?;
+            let pool = super::open_db(&db).await?;
             let rows = batches::list(&pool, status.as_deref(), limit, offset).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -108,7 +108,7 @@ pub async fn run(action: BatchAction) -> anyhow::Result<ExitCode> {
             }
         }
         BatchAction::Show { id, json, db } => {
-            let pool = super::open_db(&db.database_url).await?;
+            let pool = super::open_db(&db).await?;
             let Some(b) = batches::show(&pool, &id).await? else {
                 eprintln!("no batch {id:?}");
                 return Ok(ExitCode::from(2));
@@ -120,7 +120,7 @@ pub async fn run(action: BatchAction) -> anyhow::Result<ExitCode> {
             }
         }
         BatchAction::Cancel { id, db } => {
-            let pool = super::open_db(&db.database_url).await?;
+            let pool = super::open_db(&db).await?;
             let c = batches::cancel(&pool, &id).await?;
             if !c.found {
                 eprintln!("no batch {id:?}");
@@ -135,7 +135,7 @@ pub async fn run(action: BatchAction) -> anyhow::Result<ExitCode> {
             );
         }
         BatchAction::Pause { id, db } => {
-            let pool = super::open_db(&db.database_url).await?;
+            let pool = super::open_db(&db).await?;
             if !batches::set_paused(&pool, &id, true).await? {
                 eprintln!("no batch {id:?} to pause (or it is cancelled)");
                 return Ok(ExitCode::from(2));
@@ -144,7 +144,7 @@ pub async fn run(action: BatchAction) -> anyhow::Result<ExitCode> {
             println!("batch {id}: paused; its jobs wait without a call until `sheepdog batch resume {id}`");
         }
         BatchAction::Resume { id, db } => {
-            let pool = super::open_db(&db.database_url).await?;
+            let pool = super::open_db(&db).await?;
             if !batches::set_paused(&pool, &id, false).await? {
                 eprintln!("no batch {id:?} to resume (or it is cancelled)");
                 return Ok(ExitCode::from(2));
@@ -152,7 +152,7 @@ pub async fn run(action: BatchAction) -> anyhow::Result<ExitCode> {
             println!("batch {id}: resumed");
         }
         BatchAction::Set { id, settings, db } => {
-            let pool = super::open_db(&db.database_url).await?;
+            let pool = super::open_db(&db).await?;
             let s = settings.settings();
             anyhow::ensure!(
                 !s.is_empty(),

@@ -175,7 +175,7 @@ pub async fn run(
     let mut metrics = Vec::new();
     for i in 0..b.replicas.max(1) {
         let w = super::build_worker(
-            database_url,
+            &crate::config::DbArgs::direct(database_url.clone()),
             amqp_url,
             &upstream,
             &worker,

@@ -26,6 +26,7 @@ pub struct DashboardArgs {
 pub async fn run(a: DashboardArgs) -> anyhow::Result<ExitCode> {
     let settings = crate::web::dashboard::Settings {
         addr: a.addr,
+        transaction_pooler: a.db.transaction_pooler(),
         database_url: a.db.database_url,
         amqp_url: a.amqp.amqp_url,
         token: a.token,

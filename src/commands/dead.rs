@@ -63,7 +63,7 @@ pub async fn run(action: DeadAction) -> anyhow::Result<ExitCode> {
             }
         }
         DeadAction::Replay { batch, limit, db, amqp } => {
-            let pool = super::open_db(&db.database_url).await?;
+            let pool = super::open_db(&db).await?;
             let r = replay(&pool, &amqp.amqp_url, batch.as_deref(), limit).await?;
             println!(
                 "{} replayed to sheepdog.jobs, {} left in sheepdog.dead",

@@ -80,7 +80,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     let mut handles = Vec::new();
     for i in 0..replicas.max(1) {
         let w = super::build_worker(
-            database_url,
+            &crate::config::DbArgs::direct(database_url.clone()),
             amqp_url,
             &upstream,
             &worker,

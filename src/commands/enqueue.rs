@@ -55,7 +55,7 @@ pub async fn run(a: EnqueueArgs) -> anyhow::Result<ExitCode> {
     if a.dry_run {
         return super::estimate::dry_run(&a).await;
     }
-    let pool = super::open_db(&a.db.database_url).await?;
+    let pool = super::open_db(&a.db).await?;
     let r = enqueue_file(
         &pool,
         &a.amqp.amqp_url,

@@ -55,7 +55,7 @@ impl From<Refused> for RefusedLine {
 
 /// Runs the dry run; exit code 3 when lines were refused, as `enqueue` would.
 pub async fn dry_run(a: &EnqueueArgs) -> anyhow::Result<ExitCode> {
-    let pool = super::open_db(&a.db.database_url).await?;
+    let pool = super::open_db(&a.db).await?;
     let prices = PriceTable::load(a.pricing.prices.as_deref())?;
     let e = estimate(&pool, a, &prices).await?;
     if a.json {

@@ -55,7 +55,7 @@ pub async fn run(action: KeysAction) -> anyhow::Result<ExitCode> {
                 max_cost_usd.is_none_or(|c| c > Decimal::ZERO),
                 "--max-cost-usd must be above 0"
             );
-            let pool = super::open_db(&db.database_url).await?;
+            let pool = super::open_db(&db).await?;
             let k = crate::web::auth::new_key();
             let period = period.as_str();
             if !crate::store::api::create_key(&pool, &name, &k.prefix, &k.hash, max_cost_usd, period).await? {
@@ -72,7 +72,7 @@ pub async fn run(action: KeysAction) -> anyhow::Result<ExitCode> {
             println!("{}", k.key);
         }
         KeysAction::List { json, db } => {
-            let pool = super::open_db(&db.database_url).await?;
+            let pool = super::open_db(&db).await?;
             let rows = crate::store::api::keys(&pool).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -102,7 +102,7 @@ pub async fn run(action: KeysAction) -> anyhow::Result<ExitCode> {
             }
         }
         KeysAction::Revoke { name, db } => {
-            let pool = super::open_db(&db.database_url).await?;
+            let pool = super::open_db(&db).await?;
             if !crate::store::api::revoke_key(&pool, &name).await? {
                 eprintln!("no live key named {name:?}");
                 return Ok(ExitCode::from(2));

@@ -32,7 +32,7 @@ pub enum LimitsAction {
 pub async fn run(action: LimitsAction) -> anyhow::Result<ExitCode> {
     match action {
         LimitsAction::Set { model, limits, db } => {
-            let pool = super::open_db(&db.database_url).await?;
+            let pool = super::open_db(&db).await?;
             match model {
                 Some(model) => {
                     anyhow::ensure!(
@@ -46,7 +46,7 @@ pub async fn run(action: LimitsAction) -> anyhow::Result<ExitCode> {
             print!("{}", render(&pool).await?);
         }
         LimitsAction::Show { db } => {
-            let pool = super::open_db(&db.database_url).await?;
+            let pool = super::open_db(&db).await?;
             print!("{}", render(&pool).await?);
         }
     }

@@ -90,7 +90,8 @@ impl Command {
 pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Migrate(a) => {
-            migrate(&a.db.database_url, &a.amqp.amqp_url).await?;
+            // Migrations hold a session lock: over the session URL.
+            migrate(a.db.session_url()?, &a.amqp.amqp_url).await?;
             println!("migrations applied; queues declared");
             Ok(ExitCode::SUCCESS)
         }
@@ -165,7 +166,7 @@ pub fn shutdown_on_signals() -> CancellationToken {
 
 /// `sheepdog migrate`: the database (created if missing), its migrations, and the AMQP topology.
 pub async fn migrate(database_url: &SecretString, amqp_url: &SecretString) -> anyhow::Result<PgPool> {
-    let pool = crate::store::connect(database_url, 4).await?;
+    let pool = crate::store::connect(database_url, 4, false).await?;
     crate::store::migrate(&pool).await?;
     let conn = crate::amqp::connect(amqp_url, "sheepdog migrate").await?;
     let ch = conn.create_channel().await?;
@@ -177,8 +178,8 @@ pub async fn migrate(database_url: &SecretString, amqp_url: &SecretString) -> an
 }
 
 /// Connects to the database and checks that `migrate` has run against it.
-pub async fn open_db(database_url: &SecretString) -> anyhow::Result<PgPool> {
-    let pool = crate::store::connect(database_url, 2).await?;
+pub async fn open_db(db: &DbArgs) -> anyhow::Result<PgPool> {
+    let pool = crate::store::connect(&db.database_url, 2, db.transaction_pooler()).await?;
     crate::store::require_schema(&pool).await?;
     Ok(pool)
 }
@@ -186,14 +187,14 @@ pub async fn open_db(database_url: &SecretString) -> anyhow::Result<PgPool> {
 /// Builds a replica: its own pool, HTTP client and metrics. Limits given to it (flags or
 /// environment) are stored as the shared limits before it exists, so before its first call.
 pub async fn build_worker(
-    database_url: &SecretString,
+    db: &DbArgs,
     amqp_url: &SecretString,
     upstream: &UpstreamArgs,
     args: &WorkerArgs,
     limits: &LimitArgs,
     name: String,
 ) -> anyhow::Result<Arc<Worker>> {
-    let pool = crate::store::connect(database_url, crate::store::REPLICA_POOL).await?;
+    let pool = crate::store::connect(&db.database_url, crate::store::REPLICA_POOL, db.transaction_pooler()).await?;
     crate::store::require_schema(&pool).await?;
     let changes = limits.changes()?;
     if !changes.is_empty() {
@@ -209,7 +210,8 @@ pub async fn build_worker(
     let replica = crate::store::liveness::register(&pool, &name, args.concurrency).await?;
     Ok(Worker::new(
         pool,
-        crate::store::connect_options(database_url)?,
+        // The life line needs a session of its own.
+        crate::store::connect_options(db.session_url()?)?,
         client,
         prices,
         args.clone(),

@@ -26,7 +26,7 @@ pub struct ReportArgs {
 }
 
 pub async fn run(a: ReportArgs) -> anyhow::Result<ExitCode> {
-    let pool = super::open_db(&a.db.database_url).await?;
+    let pool = super::open_db(&a.db).await?;
     let rows = crate::store::report::cost_report(&pool, a.since, a.until, a.batch.as_deref()).await?;
     print!("{}", render(&rows, a.format));
     Ok(ExitCode::SUCCESS)

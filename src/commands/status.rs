@@ -29,7 +29,7 @@ pub struct StatusArgs {
 }
 
 pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
-    let pool = super::open_db(&a.db.database_url).await?;
+    let pool = super::open_db(&a.db).await?;
     let s = if a.wait {
         wait_for_batch(&pool, &a.batch, !a.json).await?
     } else {
@@ -58,7 +58,7 @@ pub struct ExportArgs {
 }
 
 pub async fn run_export(a: ExportArgs) -> anyhow::Result<ExitCode> {
-    let pool = super::open_db(&a.db.database_url).await?;
+    let pool = super::open_db(&a.db).await?;
     let (n, n_err) = export(&pool, &a.batch, &a.out, a.errors.as_deref()).await?;
     println!("wrote {n} lines to {}", a.out.display());
     if let Some(e) = &a.errors {

@@ -23,7 +23,7 @@ pub struct WorkerCommand {
 pub async fn run(a: WorkerCommand) -> anyhow::Result<ExitCode> {
     let shutdown = super::shutdown_on_signals();
     let w = super::build_worker(
-        &a.db.database_url,
+        &a.db,
         &a.amqp.amqp_url,
         &a.upstream,
         &a.worker,

@@ -9,6 +9,7 @@
 //! cross the threshold across more than one model, or at once when the account is refused
 //! (401/402/403). The state lives in Postgres; dispatch reads it in its own transaction.
 
+use crate::store::sql::{query, query_as, query_scalar, Standalone, StandaloneRun};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -61,11 +62,11 @@ type BreakerRow = (
 
 /// Every breaker that is not closed, and `*` whatever its state.
 pub async fn read_all(pool: &PgPool) -> Result<Vec<BreakerView>, StoreError> {
-    let rows: Vec<BreakerRow> = sqlx::query_as(
+    let rows: Vec<BreakerRow> = query_as(
         "SELECT scope, state, since, reason, open_until FROM sheepdog.breakers
           WHERE scope = '*' OR state <> 'closed' ORDER BY scope <> '*', scope",
     )
-    .fetch_all(pool)
+    .all(pool)
     .await?;
     Ok(rows
         .into_iter()
@@ -195,14 +196,14 @@ impl Breakers {
 
     /// A probe that reached no verdict (its replica stopped): another may be sent soon.
     pub async fn probe_abandoned(&self, scope: &str, replica: i64) {
-        let _ = sqlx::query(
+        let _ = query(
             "UPDATE sheepdog.breakers SET state = 'open', open_until = now() + interval '1 second',
                     probe_owner = NULL, probe_until = NULL
               WHERE scope = $1 AND state = 'half_open' AND probe_owner = $2",
         )
         .bind(scope)
         .bind(replica)
-        .execute(&self.pool)
+        .run(&self.pool)
         .await;
     }
 }
@@ -210,7 +211,7 @@ impl Breakers {
 /// Opens `scope`'s breaker with a cooldown that doubles with each trip since it last closed.
 /// Returns whether this call opened it (false: it was open already).
 pub async fn trip(pool: &PgPool, scope: &str, reason: &str, cfg: &BreakerSettings) -> Result<bool, StoreError> {
-    let opened: Option<bool> = sqlx::query_scalar(
+    let opened: Option<bool> = query_scalar(
         r#"
         INSERT INTO sheepdog.breakers AS b (scope, state, since, reason, trips, open_until)
         VALUES ($1, 'open', now(), $2, 1, now() + make_interval(secs => least($4, $3)))
@@ -226,21 +227,21 @@ pub async fn trip(pool: &PgPool, scope: &str, reason: &str, cfg: &BreakerSetting
     .bind(reason)
     .bind(cfg.cooldown_seconds)
     .bind(cfg.max_cooldown_seconds)
-    .fetch_optional(pool)
+    .maybe(pool)
     .await?;
     Ok(opened.unwrap_or(false))
 }
 
 /// Closes `scope`'s breaker if `replica` holds its probe.
 pub async fn close(pool: &PgPool, scope: &str, replica: i64) -> Result<bool, StoreError> {
-    let r = sqlx::query(
+    let r = query(
         "UPDATE sheepdog.breakers SET state = 'closed', since = now(), reason = NULL, trips = 0,
                 open_until = NULL, probe_owner = NULL, probe_until = NULL
           WHERE scope = $1 AND state = 'half_open' AND probe_owner = $2",
     )
     .bind(scope)
     .bind(replica)
-    .execute(pool)
+    .run(pool)
     .await?;
     Ok(r.rows_affected() > 0)
 }

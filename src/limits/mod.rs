@@ -7,6 +7,7 @@
 pub mod breaker;
 pub mod throttle;
 
+use crate::store::sql::{query, query_as, Standalone};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
 
@@ -138,19 +139,19 @@ async fn store_limits(pool: &PgPool, scope: &str, l: &LimitChange) -> anyhow::Re
     let mut tx = pool.begin().await.map_err(StoreError::from)?;
     // The lock every dispatch takes first: once this commits, every dispatch reads the new values.
     crate::store::dispatch::lock(&mut tx).await?;
-    sqlx::query("INSERT INTO sheepdog.limit_scopes (scope) VALUES ($1) ON CONFLICT DO NOTHING")
+    query("INSERT INTO sheepdog.limit_scopes (scope) VALUES ($1) ON CONFLICT DO NOTHING")
         .bind(scope)
         .execute(&mut *tx)
         .await?;
     // Which budget to recount: switched on, or moved to another period.
-    let (had_budget, old_period, had_tpm): (bool, BudgetPeriod, bool) = sqlx::query_as(
+    let (had_budget, old_period, had_tpm): (bool, BudgetPeriod, bool) = query_as(
         "SELECT budget_usd IS NOT NULL, budget_period, tpm IS NOT NULL FROM sheepdog.limit_scopes
           WHERE scope = $1 FOR UPDATE",
     )
     .bind(scope)
     .fetch_one(&mut *tx)
     .await?;
-    sqlx::query(
+    query(
         r#"
         WITH old AS (
             SELECT s.*, greatest(extract(epoch FROM now() - s.bucket_at), 0) AS dt
@@ -190,13 +191,15 @@ async fn store_limits(pool: &PgPool, scope: &str, l: &LimitChange) -> anyhow::Re
     .bind(l.burst_seconds)
     .bind(budget.is_some())
     .bind(budget.flatten())
-    .bind(l.budget_period)
+    // As text: an enum bound as itself has its type looked up by name, in a prepared statement
+    // of sqlx's own that a pooler in transaction mode cannot keep.
+    .bind(l.budget_period.map(BudgetPeriod::as_str))
     .bind(crate::plan::JITTER_SECONDS.parse::<Decimal>().unwrap())
     .execute(&mut *tx)
     .await?;
     // A token limit switched on, likewise, starts with its burst used: a burst's worth counted
     // in the current tenth of a second.
-    sqlx::query(
+    query(
         "INSERT INTO sheepdog.token_slots AS t (scope, slot, tokens)
          SELECT s.scope, floor(extract(epoch FROM now()) * 10)::bigint,
                 s.tpm * greatest(g.burst_seconds - $3, $3) / 60
@@ -224,7 +227,7 @@ const SETTLE_TIME: std::time::Duration = std::time::Duration::from_millis(100);
 /// Counts a budget's current period from the ledger: what calls spent, and what calls in
 /// flight reserved under this budget (those reserved elsewhere count at their reservation).
 async fn recount_budget(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, scope: &str) -> Result<(), StoreError> {
-    sqlx::query(
+    query(
         r#"
         WITH s AS (
             SELECT scope, budget_period,
@@ -295,7 +298,7 @@ async fn usage_reading(pool: &PgPool, last_minute: &str) -> Result<Vec<ScopeUsag
                 budget_reserved_usd, budget_left_usd, {last_minute}, paused_until, pause_reason
            FROM sheepdog.limit_usage ORDER BY scope <> '*', scope"
     );
-    Ok(sqlx::query_as(&sql).fetch_all(pool).await?)
+    Ok(query_as(&sql).all(pool).await?)
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! follow only once it has come back without a 429. `x-ratelimit-remaining-*` at zero holds the
 //! scope until the matching `x-ratelimit-reset-*`, so replicas stop before the 429s start.
 
+use crate::store::sql::{query, query_scalar, Standalone, StandaloneRun};
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -29,9 +30,9 @@ pub enum UpstreamLimit {
 }
 
 async fn ensure_scope(pool: &PgPool, scope: &str) -> Result<(), StoreError> {
-    sqlx::query("INSERT INTO sheepdog.limit_scopes (scope) VALUES ($1) ON CONFLICT DO NOTHING")
+    query("INSERT INTO sheepdog.limit_scopes (scope) VALUES ($1) ON CONFLICT DO NOTHING")
         .bind(scope)
-        .execute(pool)
+        .run(pool)
         .await?;
     Ok(())
 }
@@ -47,7 +48,7 @@ pub async fn too_many(
     let base = retry_after
         .unwrap_or(Duration::from_secs(1))
         .max(Duration::from_millis(50));
-    let secs: f64 = sqlx::query_scalar(
+    let secs: f64 = query_scalar(
         r#"
         UPDATE sheepdog.limit_scopes s SET
             -- A 429 while already paused came from a call sent before the pause: same round.
@@ -69,7 +70,7 @@ pub async fn too_many(
     .bind(base.as_secs_f64())
     .bind(MAX_BACKOFF.as_secs_f64())
     .bind(reset.map(|r| r.as_secs_f64()))
-    .fetch_one(pool)
+    .one(pool)
     .await?;
     Ok(Duration::from_secs_f64(secs.max(0.0)))
 }
@@ -77,7 +78,7 @@ pub async fn too_many(
 /// The upstream's headers say its limit is used up: hold `scope` until `reset`.
 pub async fn exhausted(pool: &PgPool, scope: &str, reset: Duration, what: &str) -> Result<(), StoreError> {
     ensure_scope(pool, scope).await?;
-    sqlx::query(
+    query(
         "UPDATE sheepdog.limit_scopes SET
             paused_until = greatest(coalesce(paused_until, now()), now() + make_interval(secs => $2)),
             pause_reason = $3
@@ -86,33 +87,31 @@ pub async fn exhausted(pool: &PgPool, scope: &str, reset: Duration, what: &str) 
     .bind(scope)
     .bind(reset.as_secs_f64())
     .bind(format!("the upstream's {what} limit is used up until its reset"))
-    .execute(pool)
+    .run(pool)
     .await?;
     Ok(())
 }
 
 /// The first call after a pause came back without a 429: the others may go.
 pub async fn first_passed(pool: &PgPool, scope: &str, replica: i64) -> Result<(), StoreError> {
-    sqlx::query(
+    query(
         "UPDATE sheepdog.limit_scopes SET pause_streak = 0, gate_owner = NULL, gate_until = NULL,
                 pause_reason = NULL
           WHERE scope = $1 AND gate_owner = $2",
     )
     .bind(scope)
     .bind(replica)
-    .execute(pool)
+    .run(pool)
     .await?;
     Ok(())
 }
 
 /// The first call after a pause reached no answer (its job went back): let another go first.
 pub async fn first_abandoned(pool: &PgPool, scope: &str, replica: i64) -> Result<(), StoreError> {
-    sqlx::query(
-        "UPDATE sheepdog.limit_scopes SET gate_owner = NULL, gate_until = NULL WHERE scope = $1 AND gate_owner = $2",
-    )
-    .bind(scope)
-    .bind(replica)
-    .execute(pool)
-    .await?;
+    query("UPDATE sheepdog.limit_scopes SET gate_owner = NULL, gate_until = NULL WHERE scope = $1 AND gate_owner = $2")
+        .bind(scope)
+        .bind(replica)
+        .run(pool)
+        .await?;
     Ok(())
 }

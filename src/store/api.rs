@@ -1,10 +1,10 @@
 //! The Batch API's tables (contract §10): producer keys, files and their chunks, API batches and
 //! the creates seen recently. Every statement of `web::api` and `sheepdog keys` is here.
 
+use super::sql::{query, query_as, query_scalar, Standalone, StandaloneRun};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use futures::Stream;
 use rust_decimal::Decimal;
 use serde_json::Value;
 use sqlx::types::Json;
@@ -38,7 +38,7 @@ pub async fn create_key(
     max_cost_usd: Option<Decimal>,
     period: &str,
 ) -> Result<bool, StoreError> {
-    let r = sqlx::query(
+    let r = query(
         "INSERT INTO sheepdog.api_keys (name, prefix, key_hash, max_cost_usd, period)
          VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING",
     )
@@ -47,13 +47,13 @@ pub async fn create_key(
     .bind(hash)
     .bind(max_cost_usd)
     .bind(period)
-    .execute(pool)
+    .run(pool)
     .await?;
     Ok(r.rows_affected() == 1)
 }
 
 pub async fn keys(pool: &PgPool) -> Result<Vec<KeyRow>, StoreError> {
-    Ok(sqlx::query_as(
+    Ok(query_as(
         "SELECT k.name, k.prefix, k.max_cost_usd, k.period, k.created_at, k.revoked_at,
                 coalesce(b.spent + b.reserved, 0) AS spent_usd
            FROM sheepdog.api_keys k
@@ -61,15 +61,15 @@ pub async fn keys(pool: &PgPool) -> Result<Vec<KeyRow>, StoreError> {
                  AND b.period_key = sheepdog.budget_period_key(k.period, now())
           ORDER BY k.created_at, k.name",
     )
-    .fetch_all(pool)
+    .all(pool)
     .await?)
 }
 
 /// Revokes a key: from this commit on, it is refused. False when there is no such live key.
 pub async fn revoke_key(pool: &PgPool, name: &str) -> Result<bool, StoreError> {
-    let r = sqlx::query("UPDATE sheepdog.api_keys SET revoked_at = now() WHERE name = $1 AND revoked_at IS NULL")
+    let r = query("UPDATE sheepdog.api_keys SET revoked_at = now() WHERE name = $1 AND revoked_at IS NULL")
         .bind(name)
-        .execute(pool)
+        .run(pool)
         .await?;
     Ok(r.rows_affected() == 1)
 }
@@ -77,9 +77,9 @@ pub async fn revoke_key(pool: &PgPool, name: &str) -> Result<bool, StoreError> {
 /// The live keys with this prefix: (name, hash).
 pub async fn live_keys_by_prefix(pool: &PgPool, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
     Ok(
-        sqlx::query_as("SELECT name, key_hash FROM sheepdog.api_keys WHERE prefix = $1 AND revoked_at IS NULL")
+        query_as("SELECT name, key_hash FROM sheepdog.api_keys WHERE prefix = $1 AND revoked_at IS NULL")
             .bind(prefix)
-            .fetch_all(pool)
+            .all(pool)
             .await?,
     )
 }
@@ -105,27 +105,27 @@ const FILE_COLUMNS: &str = "id, purpose, filename, bytes, lines, created_at, exp
 
 /// Starts an upload: a row nobody sees until [`finish_upload`].
 pub async fn begin_upload(pool: &PgPool, id: &str, owner: &str, filename: &str) -> Result<(), StoreError> {
-    sqlx::query(
+    query(
         "INSERT INTO sheepdog.api_files (id, owner, purpose, filename, state) VALUES ($1, $2, 'batch', $3, 'uploading')",
     )
     .bind(id)
     .bind(owner)
     .bind(filename)
-    .execute(pool)
+    .run(pool)
     .await?;
     Ok(())
 }
 
 /// Stores the `seq`-th chunk of an upload.
 pub async fn add_chunk(pool: &PgPool, id: &str, seq: i32, data: &[u8]) -> Result<(), StoreError> {
-    sqlx::query(
+    query(
         "WITH c AS (INSERT INTO sheepdog.api_file_chunks (file_id, seq, data) VALUES ($1, $2, $3))
          UPDATE sheepdog.api_files SET touched_at = now() WHERE id = $1",
     )
     .bind(id)
     .bind(seq)
     .bind(data)
-    .execute(pool)
+    .run(pool)
     .await?;
     Ok(())
 }
@@ -138,7 +138,7 @@ pub async fn finish_upload(
     lines: i32,
     ttl: Option<Duration>,
 ) -> Result<Option<FileRow>, StoreError> {
-    Ok(sqlx::query_as(&format!(
+    Ok(query_as(&format!(
         "UPDATE sheepdog.api_files SET state = 'processed', bytes = $2, lines = $3, created_at = now(),
                 expires_at = now() + make_interval(secs => $4)
           WHERE id = $1 AND state = 'uploading'
@@ -148,27 +148,27 @@ pub async fn finish_upload(
     .bind(bytes)
     .bind(lines)
     .bind(ttl.map(|t| t.as_secs_f64()))
-    .fetch_optional(pool)
+    .maybe(pool)
     .await?)
 }
 
 /// Drops an upload that will not finish (its client went away, or it broke a limit).
 pub async fn drop_upload(pool: &PgPool, id: &str) -> Result<(), StoreError> {
-    sqlx::query("DELETE FROM sheepdog.api_files WHERE id = $1 AND state = 'uploading'")
+    query("DELETE FROM sheepdog.api_files WHERE id = $1 AND state = 'uploading'")
         .bind(id)
-        .execute(pool)
+        .run(pool)
         .await?;
     Ok(())
 }
 
 /// One of `owner`'s files.
 pub async fn file(pool: &PgPool, owner: &str, id: &str) -> Result<Option<FileRow>, StoreError> {
-    Ok(sqlx::query_as(&format!(
+    Ok(query_as(&format!(
         "SELECT {FILE_COLUMNS} FROM sheepdog.api_files WHERE id = $1 AND owner = $2 AND state = 'processed'"
     ))
     .bind(id)
     .bind(owner)
-    .fetch_optional(pool)
+    .maybe(pool)
     .await?)
 }
 
@@ -182,7 +182,7 @@ pub async fn files(
     limit: i64,
 ) -> Result<Vec<FileRow>, StoreError> {
     let (cmp, order) = if newest_first { ("<", "DESC") } else { (">", "ASC") };
-    Ok(sqlx::query_as(&format!(
+    Ok(query_as(&format!(
         "SELECT {FILE_COLUMNS} FROM sheepdog.api_files f
           WHERE f.owner = $1 AND f.state = 'processed' AND ($2::text IS NULL OR f.purpose = $2)
             AND ($3::text IS NULL OR f.seq {cmp} (SELECT seq FROM sheepdog.api_files WHERE id = $3 AND owner = $1))
@@ -192,27 +192,27 @@ pub async fn files(
     .bind(purpose)
     .bind(after)
     .bind(limit)
-    .fetch_all(pool)
+    .all(pool)
     .await?)
 }
 
 /// The `seq`-th chunk of an uploaded file, if there is one.
 pub async fn chunk(pool: &PgPool, id: &str, seq: i32) -> Result<Option<Vec<u8>>, StoreError> {
     Ok(
-        sqlx::query_scalar("SELECT data FROM sheepdog.api_file_chunks WHERE file_id = $1 AND seq = $2")
+        query_scalar("SELECT data FROM sheepdog.api_file_chunks WHERE file_id = $1 AND seq = $2")
             .bind(id)
             .bind(seq)
-            .fetch_optional(pool)
+            .maybe(pool)
             .await?,
     )
 }
 
 /// Deletes one of `owner`'s files (its chunks with it). False when there is none.
 pub async fn delete_file(pool: &PgPool, owner: &str, id: &str) -> Result<bool, StoreError> {
-    let r = sqlx::query("DELETE FROM sheepdog.api_files WHERE id = $1 AND owner = $2 AND state = 'processed'")
+    let r = query("DELETE FROM sheepdog.api_files WHERE id = $1 AND owner = $2 AND state = 'processed'")
         .bind(id)
         .bind(owner)
-        .execute(pool)
+        .run(pool)
         .await?;
     Ok(r.rows_affected() == 1)
 }
@@ -220,7 +220,7 @@ pub async fn delete_file(pool: &PgPool, owner: &str, id: &str) -> Result<bool, S
 /// Deletes up to 100 files past their expiry, and uploads untouched for `stale` (their client
 /// or their API process died). Returns how many went.
 pub async fn expire_files(pool: &PgPool, stale: Duration) -> Result<u64, StoreError> {
-    let r = sqlx::query(
+    let r = query(
         "DELETE FROM sheepdog.api_files WHERE id IN (
              SELECT id FROM sheepdog.api_files
               WHERE (state = 'processed' AND expires_at <= now())
@@ -228,11 +228,11 @@ pub async fn expire_files(pool: &PgPool, stale: Duration) -> Result<u64, StoreEr
               LIMIT 100)",
     )
     .bind(stale.as_secs_f64())
-    .execute(pool)
+    .run(pool)
     .await?;
     // Creates remembered for idempotency are of no use after a day.
-    sqlx::query("DELETE FROM sheepdog.api_batch_requests WHERE created_at < now() - interval '1 day'")
-        .execute(pool)
+    query("DELETE FROM sheepdog.api_batch_requests WHERE created_at < now() - interval '1 day'")
+        .run(pool)
         .await?;
     Ok(r.rows_affected())
 }
@@ -274,7 +274,7 @@ pub enum Created {
 /// `validating` (which dispatch skips), and the API row, leased to this process.
 pub async fn create_batch(pool: &PgPool, b: &NewBatch<'_>) -> Result<Created, StoreError> {
     let mut tx = pool.begin().await?;
-    let mine: Option<String> = sqlx::query_scalar(
+    let mine: Option<String> = query_scalar(
         "INSERT INTO sheepdog.api_batch_requests AS r (owner, fingerprint, batch_id) VALUES ($1, $2, $3)
          ON CONFLICT (owner, fingerprint) DO UPDATE SET batch_id = EXCLUDED.batch_id, created_at = now()
           WHERE r.created_at < now() - make_interval(secs => $4)
@@ -287,17 +287,16 @@ pub async fn create_batch(pool: &PgPool, b: &NewBatch<'_>) -> Result<Created, St
     .fetch_optional(&mut *tx)
     .await?;
     if mine.is_none() {
-        let existing: String = sqlx::query_scalar(
-            "SELECT batch_id FROM sheepdog.api_batch_requests WHERE owner = $1 AND fingerprint = $2",
-        )
-        .bind(b.owner)
-        .bind(b.fingerprint)
-        .fetch_one(&mut *tx)
-        .await?;
+        let existing: String =
+            query_scalar("SELECT batch_id FROM sheepdog.api_batch_requests WHERE owner = $1 AND fingerprint = $2")
+                .bind(b.owner)
+                .bind(b.fingerprint)
+                .fetch_one(&mut *tx)
+                .await?;
         tx.commit().await?;
         return Ok(Created::Existing(existing));
     }
-    sqlx::query(
+    query(
         "INSERT INTO sheepdog.batches (batch_id, priority, max_cost_usd, expires_at, control)
          VALUES ($1, coalesce($2, 1::smallint), $3, now() + make_interval(secs => $4), 'validating')",
     )
@@ -307,7 +306,7 @@ pub async fn create_batch(pool: &PgPool, b: &NewBatch<'_>) -> Result<Created, St
     .bind(b.window.as_secs_f64())
     .execute(&mut *tx)
     .await?;
-    sqlx::query(
+    query(
         "INSERT INTO sheepdog.api_batches (id, owner, input_file_id, endpoint, completion_window, metadata, phase,
                                            lease_owner, lease_until)
          VALUES ($1, $2, $3, $4, $5, $6, 'validating', $7, now() + make_interval(secs => $8))",
@@ -351,18 +350,18 @@ const BATCH_COLUMNS: &str = "id, owner, input_file_id, endpoint, completion_wind
 
 /// One of `owner`'s batches.
 pub async fn batch(pool: &PgPool, owner: &str, id: &str) -> Result<Option<ApiBatch>, StoreError> {
-    Ok(sqlx::query_as(&format!(
+    Ok(query_as(&format!(
         "SELECT {BATCH_COLUMNS} FROM sheepdog.api_batches WHERE id = $1 AND owner = $2"
     ))
     .bind(id)
     .bind(owner)
-    .fetch_optional(pool)
+    .maybe(pool)
     .await?)
 }
 
 /// A page of `owner`'s batches, newest first, after the batch `after`.
 pub async fn batches(pool: &PgPool, owner: &str, after: Option<&str>, limit: i64) -> Result<Vec<ApiBatch>, StoreError> {
-    Ok(sqlx::query_as(&format!(
+    Ok(query_as(&format!(
         "SELECT {BATCH_COLUMNS} FROM sheepdog.api_batches
           WHERE owner = $1
             AND ($2::text IS NULL OR seq < (SELECT seq FROM sheepdog.api_batches WHERE id = $2 AND owner = $1))
@@ -371,13 +370,13 @@ pub async fn batches(pool: &PgPool, owner: &str, after: Option<&str>, limit: i64
     .bind(owner)
     .bind(after)
     .bind(limit)
-    .fetch_all(pool)
+    .all(pool)
     .await?)
 }
 
 /// Takes over a batch left validating by a process that died (its lease ran out). Returns it.
 pub async fn claim_orphan(pool: &PgPool, me: &str, lease: Duration) -> Result<Option<String>, StoreError> {
-    Ok(sqlx::query_scalar(
+    Ok(query_scalar(
         "UPDATE sheepdog.api_batches SET lease_owner = $1, lease_until = now() + make_interval(secs => $2)
           WHERE id = (SELECT id FROM sheepdog.api_batches
                        WHERE phase = 'validating' AND (lease_until IS NULL OR lease_until < now())
@@ -386,49 +385,47 @@ pub async fn claim_orphan(pool: &PgPool, me: &str, lease: Duration) -> Result<Op
     )
     .bind(me)
     .bind(lease.as_secs_f64())
-    .fetch_optional(pool)
+    .maybe(pool)
     .await?)
 }
 
 /// Extends this process's lease on a batch it validates. False when it lost it.
 pub async fn renew(pool: &PgPool, id: &str, me: &str, lease: Duration) -> Result<bool, StoreError> {
-    let r = sqlx::query(
+    let r = query(
         "UPDATE sheepdog.api_batches SET lease_until = now() + make_interval(secs => $3)
           WHERE id = $1 AND lease_owner = $2 AND phase = 'validating'",
     )
     .bind(id)
     .bind(me)
     .bind(lease.as_secs_f64())
-    .execute(pool)
+    .run(pool)
     .await?;
     Ok(r.rows_affected() == 1)
 }
 
 /// Lets another process (or this one, later) take the batch up again at once.
 pub async fn release(pool: &PgPool, id: &str, me: &str) -> Result<(), StoreError> {
-    sqlx::query("UPDATE sheepdog.api_batches SET lease_until = now() WHERE id = $1 AND lease_owner = $2")
+    query("UPDATE sheepdog.api_batches SET lease_until = now() WHERE id = $1 AND lease_owner = $2")
         .bind(id)
         .bind(me)
-        .execute(pool)
+        .run(pool)
         .await?;
     Ok(())
 }
 
 /// The control of a sheepdog batch (`validating`, `active`, `cancelled`, …).
 pub async fn control(pool: &PgPool, id: &str) -> Result<Option<String>, StoreError> {
-    Ok(
-        sqlx::query_scalar("SELECT control FROM sheepdog.batches WHERE batch_id = $1")
-            .bind(id)
-            .fetch_optional(pool)
-            .await?,
-    )
+    Ok(query_scalar("SELECT control FROM sheepdog.batches WHERE batch_id = $1")
+        .bind(id)
+        .maybe(pool)
+        .await?)
 }
 
 /// Ends a batch whose file broke the rules: `failed` with its errors, on both sides, so that
 /// nothing of it is ever called.
 pub async fn fail(pool: &PgPool, id: &str, errors: &Value) -> Result<bool, StoreError> {
     let mut tx = pool.begin().await?;
-    let r = sqlx::query(
+    let r = query(
         "UPDATE sheepdog.api_batches SET phase = 'failed', errors = $2, failed_at = now(), lease_until = NULL
           WHERE id = $1 AND phase = 'validating'",
     )
@@ -436,7 +433,7 @@ pub async fn fail(pool: &PgPool, id: &str, errors: &Value) -> Result<bool, Store
     .bind(Json(errors))
     .execute(&mut *tx)
     .await?;
-    sqlx::query(
+    query(
         "UPDATE sheepdog.batches SET control = 'failed', finished_at = coalesce(finished_at, now()), updated_at = now()
           WHERE batch_id = $1 AND control IN ('validating', 'cancelled')",
     )
@@ -450,7 +447,7 @@ pub async fn fail(pool: &PgPool, id: &str, errors: &Value) -> Result<bool, Store
 /// Every line is published and confirmed: in one statement, the sheepdog batch may be called
 /// (unless it was cancelled meanwhile) and the API batch is running.
 pub async fn activate(pool: &PgPool, id: &str) -> Result<bool, StoreError> {
-    Ok(sqlx::query_scalar(
+    Ok(query_scalar(
         "WITH b AS (
              UPDATE sheepdog.batches SET control = 'active', updated_at = now()
               WHERE batch_id = $1 AND control = 'validating'
@@ -460,7 +457,7 @@ pub async fn activate(pool: &PgPool, id: &str) -> Result<bool, StoreError> {
          RETURNING true",
     )
     .bind(id)
-    .fetch_optional(pool)
+    .maybe(pool)
     .await?
     .unwrap_or(false))
 }
@@ -468,17 +465,17 @@ pub async fn activate(pool: &PgPool, id: &str) -> Result<bool, StoreError> {
 /// Running API batches (their sheepdog batches decide when they end).
 pub async fn running(pool: &PgPool) -> Result<Vec<String>, StoreError> {
     Ok(
-        sqlx::query_scalar("SELECT id FROM sheepdog.api_batches WHERE phase = 'running' ORDER BY seq")
-            .fetch_all(pool)
+        query_scalar("SELECT id FROM sheepdog.api_batches WHERE phase = 'running' ORDER BY seq")
+            .all(pool)
             .await?,
     )
 }
 
 /// Notes when a batch's results started being made.
 pub async fn mark_finalizing(pool: &PgPool, id: &str) -> Result<(), StoreError> {
-    sqlx::query("UPDATE sheepdog.api_batches SET finalizing_at = coalesce(finalizing_at, now()) WHERE id = $1")
+    query("UPDATE sheepdog.api_batches SET finalizing_at = coalesce(finalizing_at, now()) WHERE id = $1")
         .bind(id)
-        .execute(pool)
+        .run(pool)
         .await?;
     Ok(())
 }
@@ -495,7 +492,7 @@ pub async fn finalize(
     ttl: Option<Duration>,
 ) -> Result<bool, StoreError> {
     let mut tx = pool.begin().await?;
-    let owner: Option<String> = sqlx::query_scalar(
+    let owner: Option<String> = query_scalar(
         "UPDATE sheepdog.api_batches SET phase = 'ended', ended_at = now(), output_file_id = $2, error_file_id = $3
           WHERE id = $1 AND phase = 'running' RETURNING owner",
     )
@@ -509,7 +506,7 @@ pub async fn finalize(
     };
     for (f, kind) in [(output, "output"), (error, "error")] {
         let Some((file_id, bytes, lines)) = f else { continue };
-        sqlx::query(
+        query(
             "INSERT INTO sheepdog.api_files (id, owner, purpose, filename, state, bytes, lines, batch_id, kind, expires_at)
              VALUES ($1, $2, 'batch_output', $3, 'processed', $4, $5, $6, $7, now() + make_interval(secs => $8))",
         )
@@ -534,25 +531,16 @@ pub fn result_rows<'a>(
     pool: &'a PgPool,
     batch_id: &'a str,
     output: bool,
-) -> impl Stream<Item = sqlx::Result<EndedJob>> + 'a {
-    static QUERY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-        format!(
-            "SELECT {} FROM sheepdog.jobs j
-              WHERE j.batch_id = $1 AND j.status IN ('succeeded', 'failed', 'cancelled', 'expired')
-                AND (j.status = 'succeeded') = $2
-              ORDER BY j.custom_id",
-            super::report::ENDED_JOB
-        )
-    });
-    sqlx::query_as(QUERY.as_str()).bind(batch_id).bind(output).fetch(pool)
+) -> futures::stream::BoxStream<'a, sqlx::Result<EndedJob>> {
+    super::report::ended_rows(pool, batch_id, Some(output))
 }
 
 /// A batch, whoever owns it (the API's own background work).
 pub async fn batch_any(pool: &PgPool, id: &str) -> Result<Option<ApiBatch>, StoreError> {
-    Ok(sqlx::query_as(&format!(
+    Ok(query_as(&format!(
         "SELECT {BATCH_COLUMNS} FROM sheepdog.api_batches WHERE id = $1"
     ))
     .bind(id)
-    .fetch_optional(pool)
+    .maybe(pool)
     .await?)
 }

@@ -2,6 +2,7 @@
 //! deadline; their figures, kept on the batch row by folding `batch_progress`; and their end,
 //! announced on the results stream (§8).
 
+use super::sql::{query, query_as, query_scalar, Standalone};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -76,7 +77,7 @@ pub async fn set_priority(pool: &PgPool, batch_id: &str, priority: Priority) -> 
 /// batch's calls already spent (calls in flight at their reservation).
 pub async fn set(pool: &PgPool, batch_id: &str, s: &BatchSettings) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
-    sqlx::query(
+    query(
         "INSERT INTO sheepdog.batches AS b (batch_id, priority, max_cost_usd, expires_at)
          VALUES ($1, coalesce($2, 1::smallint), CASE WHEN $3 = 0 THEN NULL ELSE $3 END,
                  now() + make_interval(secs => $4))
@@ -96,7 +97,7 @@ pub async fn set(pool: &PgPool, batch_id: &str, s: &BatchSettings) -> Result<(),
     if s.max_cost_usd.is_some_and(|c| !c.is_zero()) {
         // The cap's own budget, scope `batch:<id>`, period `total`: what the batch's calls spent,
         // and what those in flight reserved under it.
-        sqlx::query(
+        query(
             r#"
             INSERT INTO sheepdog.budget AS b (scope, period_key, spent, reserved)
             SELECT 'batch:' || $1, 'total',
@@ -123,7 +124,7 @@ pub async fn set_paused(pool: &PgPool, batch_id: &str, paused: bool) -> Result<b
     let mut tx = pool.begin().await?;
     // The lock every dispatch takes first: once this commits, no grant races it.
     super::dispatch::lock(&mut tx).await?;
-    let r = sqlx::query(
+    let r = query(
         "UPDATE sheepdog.batches SET control = $2, updated_at = now()
           WHERE batch_id = $1 AND control IN ('active', 'paused')",
     )
@@ -154,7 +155,7 @@ pub struct Cancelled {
 pub async fn cancel(pool: &PgPool, batch_id: &str) -> Result<Cancelled, StoreError> {
     let mut tx = pool.begin().await?;
     super::dispatch::lock(&mut tx).await?;
-    let found: Option<bool> = sqlx::query_scalar(
+    let found: Option<bool> = query_scalar(
         "UPDATE sheepdog.batches SET updated_at = now(),
                 -- An API batch whose file failed validation stays `failed`: nothing of it runs.
                 control = CASE WHEN control = 'failed' THEN control ELSE 'cancelled' END,
@@ -170,9 +171,9 @@ pub async fn cancel(pool: &PgPool, batch_id: &str) -> Result<Cancelled, StoreErr
     tx.commit().await?;
     let jobs = end_all_waiting(pool, &[batch_id.to_string()], "cancelled").await?;
     let in_flight: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM sheepdog.calls WHERE batch_id = $1 AND outcome = 'pending'")
+        query_scalar("SELECT count(*) FROM sheepdog.calls WHERE batch_id = $1 AND outcome = 'pending'")
             .bind(batch_id)
-            .fetch_one(pool)
+            .one(pool)
             .await?;
     Ok(Cancelled {
         found: true,
@@ -202,7 +203,7 @@ async fn end_all_waiting(pool: &PgPool, batches: &[String], status: &str) -> Res
 /// left alone (its answer ends it). Each gets its error, its event and its count. Returns how
 /// many ended.
 async fn end_waiting(pool: &PgPool, batches: &[String], status: &str) -> Result<i64, StoreError> {
-    let n: i64 = sqlx::query_scalar(&format!(
+    let n: i64 = query_scalar(&format!(
         r#"
         WITH RECURSIVE lanes AS (
             (SELECT model, batch_id FROM sheepdog.backlog ORDER BY model, batch_id LIMIT 1)
@@ -247,7 +248,7 @@ async fn end_waiting(pool: &PgPool, batches: &[String], status: &str) -> Result<
     .bind(batches)
     .bind(status)
     .bind(END_CHUNK)
-    .fetch_one(pool)
+    .one(pool)
     .await?;
     Ok(n)
 }
@@ -256,11 +257,11 @@ async fn end_waiting(pool: &PgPool, batches: &[String], status: &str) -> Result<
 /// cancelled batches whose `cancel` was interrupted as `cancelled`. Dispatch grants nothing for
 /// such a batch already; this settles what was left. Returns how many.
 pub async fn expire_due(pool: &PgPool) -> Result<i64, StoreError> {
-    let due: Vec<(String, bool)> = sqlx::query_as(
+    let due: Vec<(String, bool)> = query_as(
         "SELECT batch_id, control IN ('cancelled', 'failed') FROM sheepdog.batches
           WHERE (expires_at <= now() OR control IN ('cancelled', 'failed')) AND finished_at IS NULL",
     )
-    .fetch_all(pool)
+    .all(pool)
     .await?;
     let (cancelled, expired): (Vec<_>, Vec<_>) = due.into_iter().partition(|(_, c)| *c);
     let ids = |v: Vec<(String, bool)>| v.into_iter().map(|(b, _)| b).collect::<Vec<_>>();
@@ -278,13 +279,13 @@ pub async fn expire_due(pool: &PgPool) -> Result<i64, StoreError> {
 /// lock). Returns the batches that ended now.
 pub async fn fold_progress(pool: &PgPool) -> Result<Vec<String>, StoreError> {
     let mut tx = pool.begin().await?;
-    let ours: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(1936221541, 0)")
+    let ours: bool = query_scalar("SELECT pg_try_advisory_xact_lock(1936221541, 0)")
         .fetch_one(&mut *tx)
         .await?;
     if !ours {
         return Ok(Vec::new());
     }
-    sqlx::query(
+    query(
         r#"
         WITH d AS (
             DELETE FROM sheepdog.batch_progress RETURNING *
@@ -314,7 +315,7 @@ pub async fn fold_progress(pool: &PgPool) -> Result<Vec<String>, StoreError> {
     .await?;
     // A batch ends when every job known for it has ended, none of its calls is in flight, and
     // every one of its job events has been published (so `batch.finished` comes after them).
-    let ended: Vec<String> = sqlx::query_scalar(
+    let ended: Vec<String> = query_scalar(
         "UPDATE sheepdog.batches b SET finished_at = now()
           WHERE b.finished_at IS NULL
             AND greatest(b.size, b.admitted) > 0
@@ -329,7 +330,7 @@ pub async fn fold_progress(pool: &PgPool) -> Result<Vec<String>, StoreError> {
     if !ended.is_empty() {
         let objects = objects(&mut tx, &ended).await?;
         for o in objects {
-            sqlx::query(
+            query(
                 "INSERT INTO sheepdog.outbox (exchange, routing_key, headers, body)
                  VALUES ('sheepdog.results', $1, '{\"x-sheepdog-event\": \"batch.finished\"}', $2)",
             )
@@ -426,14 +427,14 @@ async fn objects(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     ids: &[String],
 ) -> Result<Vec<BatchObject>, StoreError> {
-    Ok(sqlx::query_as(OBJECT_QUERY).bind(ids).fetch_all(&mut **tx).await?)
+    Ok(query_as(OBJECT_QUERY).bind(ids).fetch_all(&mut **tx).await?)
 }
 
 /// One batch, or none; with what it was charged where the account's currency is not USD.
 pub async fn show(pool: &PgPool, batch_id: &str) -> Result<Option<BatchObject>, StoreError> {
-    let found: Option<BatchObject> = sqlx::query_as(OBJECT_QUERY)
+    let found: Option<BatchObject> = query_as(OBJECT_QUERY)
         .bind(vec![batch_id.to_string()])
-        .fetch_optional(pool)
+        .maybe(pool)
         .await?;
     let Some(mut o) = found else {
         return Ok(None);
@@ -447,7 +448,7 @@ pub async fn show(pool: &PgPool, batch_id: &str) -> Result<Option<BatchObject>, 
 
 /// Several batches, newest first (unknown ids are left out).
 pub async fn show_many(pool: &PgPool, ids: &[String]) -> Result<Vec<BatchObject>, StoreError> {
-    Ok(sqlx::query_as(OBJECT_QUERY).bind(ids).fetch_all(pool).await?)
+    Ok(query_as(OBJECT_QUERY).bind(ids).all(pool).await?)
 }
 
 /// Batches, newest first: `limit` of them from `offset`, those with `status` if given. Reads
@@ -458,11 +459,10 @@ pub async fn list(
     limit: i64,
     offset: i64,
 ) -> Result<Vec<BatchObject>, StoreError> {
-    let ids: Vec<String> =
-        sqlx::query_scalar("SELECT batch_id FROM sheepdog.batches ORDER BY created_at DESC, batch_id")
-            .fetch_all(pool)
-            .await?;
-    let all: Vec<BatchObject> = sqlx::query_as(OBJECT_QUERY).bind(&ids).fetch_all(pool).await?;
+    let ids: Vec<String> = query_scalar("SELECT batch_id FROM sheepdog.batches ORDER BY created_at DESC, batch_id")
+        .all(pool)
+        .await?;
+    let all: Vec<BatchObject> = query_as(OBJECT_QUERY).bind(&ids).all(pool).await?;
     Ok(all
         .into_iter()
         .filter(|o| status.is_none_or(|s| o.status == s))
@@ -477,9 +477,9 @@ pub async fn times(
     batch_id: &str,
 ) -> Result<Option<(DateTime<Utc>, Option<DateTime<Utc>>)>, StoreError> {
     Ok(
-        sqlx::query_as("SELECT created_at, expires_at FROM sheepdog.batches WHERE batch_id = $1")
+        query_as("SELECT created_at, expires_at FROM sheepdog.batches WHERE batch_id = $1")
             .bind(batch_id)
-            .fetch_optional(pool)
+            .maybe(pool)
             .await?,
     )
 }

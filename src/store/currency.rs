@@ -2,6 +2,7 @@
 //! time it took effect. Costs stay in USD everywhere; these rates turn them into what the account
 //! is charged, for `report`, `status`, `batch show`, the estimate and the dashboard.
 
+use super::sql::{query_as, query_scalar, Standalone};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
 
@@ -9,7 +10,7 @@ use super::StoreError;
 
 /// Records a rate from now on, unless it is the one in force already. Returns whether it was new.
 pub async fn record(pool: &PgPool, currency: &str, per_usd: Decimal) -> Result<bool, StoreError> {
-    let added: Option<bool> = sqlx::query_scalar(
+    let added: Option<bool> = query_scalar(
         "INSERT INTO sheepdog.account_currency (currency, per_usd)
          SELECT $1, $2
           WHERE NOT EXISTS (
@@ -21,7 +22,7 @@ pub async fn record(pool: &PgPool, currency: &str, per_usd: Decimal) -> Result<b
     )
     .bind(currency)
     .bind(per_usd)
-    .fetch_optional(pool)
+    .maybe(pool)
     .await?;
     Ok(added.is_some())
 }
@@ -29,8 +30,8 @@ pub async fn record(pool: &PgPool, currency: &str, per_usd: Decimal) -> Result<b
 /// The rate in force now: (currency, per USD). USD one for one when none was ever recorded.
 pub async fn current(pool: &PgPool) -> Result<(String, Decimal), StoreError> {
     let row: Option<(String, Decimal)> =
-        sqlx::query_as("SELECT currency, per_usd FROM sheepdog.account_currency ORDER BY since DESC LIMIT 1")
-            .fetch_optional(pool)
+        query_as("SELECT currency, per_usd FROM sheepdog.account_currency ORDER BY since DESC LIMIT 1")
+            .maybe(pool)
             .await?;
     Ok(row.unwrap_or_else(|| ("USD".into(), Decimal::ONE)))
 }
@@ -38,7 +39,7 @@ pub async fn current(pool: &PgPool) -> Result<(String, Decimal), StoreError> {
 /// What a batch's settled calls were charged, each at the rate in force when it started:
 /// (currency, amount). `None` when no rate other than USD was ever recorded.
 pub async fn batch_charged(pool: &PgPool, batch_id: &str) -> Result<Option<(String, Decimal)>, StoreError> {
-    let row: Option<(Option<String>, Option<Decimal>)> = sqlx::query_as(
+    let row: Option<(Option<String>, Option<Decimal>)> = query_as(
         "SELECT (SELECT currency FROM sheepdog.account_currency ORDER BY since DESC LIMIT 1),
                 (SELECT coalesce(sum(coalesce(c.cost_usd, 0) * coalesce(r.per_usd, 1)), 0)
                    FROM sheepdog.calls c
@@ -48,7 +49,7 @@ pub async fn batch_charged(pool: &PgPool, batch_id: &str) -> Result<Option<(Stri
           WHERE EXISTS (SELECT 1 FROM sheepdog.account_currency WHERE currency <> 'USD' OR per_usd <> 1)",
     )
     .bind(batch_id)
-    .fetch_optional(pool)
+    .maybe(pool)
     .await?;
     Ok(row.and_then(|(c, a)| Some((c?, a.unwrap_or_default().normalize()))))
 }

@@ -3,6 +3,7 @@
 //! has no index on `finished_at` on purpose: its updates stay HOT). Per-batch reads use the
 //! primary key's `batch_id` prefix.
 
+use super::sql::{query_as, query_scalar, Standalone};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::Serialize;
@@ -14,7 +15,8 @@ use super::StoreError;
 
 /// A pool that never blocks a page for long: connections are made on demand (the dashboard
 /// starts with the database down), waiting for one gives up after 2 s, and a statement after 5 s.
-pub fn lazy_pool(opts: PgConnectOptions, max_connections: u32) -> PgPool {
+pub fn lazy_pool(opts: PgConnectOptions, max_connections: u32, transaction_pooler: bool) -> PgPool {
+    super::sql::set_transaction_pooler(transaction_pooler);
     PgPoolOptions::new()
         .max_connections(max_connections.max(1))
         .acquire_timeout(Duration::from_secs(2))
@@ -35,7 +37,7 @@ pub async fn calls_per_minute(
     minutes: i32,
     model: Option<&str>,
 ) -> Result<Vec<MinuteCount>, StoreError> {
-    Ok(sqlx::query_as(
+    Ok(query_as(
         "WITH m AS (
              SELECT generate_series(date_trunc('minute', now()) - make_interval(mins => $1 - 1),
                                     date_trunc('minute', now()), interval '1 minute') AS minute
@@ -54,7 +56,7 @@ pub async fn calls_per_minute(
     )
     .bind(minutes)
     .bind(model)
-    .fetch_all(pool)
+    .all(pool)
     .await?)
 }
 
@@ -73,7 +75,7 @@ pub struct Overview {
 }
 
 pub async fn overview(pool: &PgPool) -> Result<Overview, StoreError> {
-    Ok(sqlx::query_as(
+    Ok(query_as(
         "SELECT (SELECT count(*) FROM sheepdog.calls
                   WHERE started_at > now() - interval '5 minutes' AND outcome = 'ok'
                     AND finished_at > now() - interval '10 seconds') AS ok_last_10s,
@@ -90,7 +92,7 @@ pub async fn overview(pool: &PgPool) -> Result<Overview, StoreError> {
                   WHERE d.day = (now() AT TIME ZONE 'UTC')::date AND d.currency = cur.currency) AS charged_today
            FROM (SELECT (SELECT currency FROM sheepdog.account_currency ORDER BY since DESC LIMIT 1) AS currency) cur",
     )
-    .fetch_one(pool)
+    .one(pool)
     .await?)
 }
 
@@ -105,11 +107,11 @@ pub struct Breaker {
 }
 
 pub async fn breakers(pool: &PgPool) -> Result<Vec<Breaker>, StoreError> {
-    Ok(sqlx::query_as(
-        "SELECT scope, state, reason, trips, open_until FROM sheepdog.breakers ORDER BY scope <> '*', scope",
+    Ok(
+        query_as("SELECT scope, state, reason, trips, open_until FROM sheepdog.breakers ORDER BY scope <> '*', scope")
+            .all(pool)
+            .await?,
     )
-    .fetch_all(pool)
-    .await?)
 }
 
 /// Requests and tokens per minute of a scope (`*` = every model) over the last minutes.
@@ -122,7 +124,7 @@ pub struct ScopeMinute {
 }
 
 pub async fn scope_use(pool: &PgPool, minutes: i32) -> Result<Vec<ScopeMinute>, StoreError> {
-    Ok(sqlx::query_as(
+    Ok(query_as(
         "WITH c AS (
              SELECT date_trunc('minute', started_at) AS minute, model,
                     count(*) AS requests,
@@ -138,20 +140,20 @@ pub async fn scope_use(pool: &PgPool, minutes: i32) -> Result<Vec<ScopeMinute>, 
          ORDER BY 1, 2",
     )
     .bind(minutes)
-    .fetch_all(pool)
+    .all(pool)
     .await?)
 }
 
 /// Latency percentiles of a batch's succeeded jobs, in ms: p50, p95, p99.
 pub async fn latency(pool: &PgPool, batch_id: &str) -> Result<(Option<f64>, Option<f64>, Option<f64>), StoreError> {
-    Ok(sqlx::query_as(
+    Ok(query_as(
         "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms),
                 percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms),
                 percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms)
            FROM sheepdog.jobs WHERE batch_id = $1 AND status = 'succeeded'",
     )
     .bind(batch_id)
-    .fetch_one(pool)
+    .one(pool)
     .await?)
 }
 
@@ -164,7 +166,7 @@ pub struct Failure {
 }
 
 pub async fn failures(pool: &PgPool, batch_id: &str, limit: i64) -> Result<Vec<Failure>, StoreError> {
-    Ok(sqlx::query_as(
+    Ok(query_as(
         "SELECT coalesce(error->>'message', error::text, 'unknown') AS reason, count(*) AS jobs,
                 min(custom_id) AS example
            FROM sheepdog.jobs WHERE batch_id = $1 AND status IN ('failed', 'expired', 'cancelled')
@@ -172,7 +174,7 @@ pub async fn failures(pool: &PgPool, batch_id: &str, limit: i64) -> Result<Vec<F
     )
     .bind(batch_id)
     .bind(limit)
-    .fetch_all(pool)
+    .all(pool)
     .await?)
 }
 
@@ -189,7 +191,7 @@ pub struct RecentJob {
 }
 
 pub async fn recent(pool: &PgPool, batch_id: &str, limit: i64) -> Result<Vec<RecentJob>, StoreError> {
-    Ok(sqlx::query_as(
+    Ok(query_as(
         "SELECT custom_id, status, model, latency_ms, cost_usd, finished_at,
                 left(coalesce(response::jsonb #>> '{choices,0,message,content}', error->>'message'), 120) AS summary
            FROM sheepdog.jobs WHERE batch_id = $1 AND finished_at IS NOT NULL
@@ -197,13 +199,11 @@ pub async fn recent(pool: &PgPool, batch_id: &str, limit: i64) -> Result<Vec<Rec
     )
     .bind(batch_id)
     .bind(limit)
-    .fetch_all(pool)
+    .all(pool)
     .await?)
 }
 
 /// How many batches there are in all (for paging).
 pub async fn batch_count(pool: &PgPool) -> Result<i64, StoreError> {
-    Ok(sqlx::query_scalar("SELECT count(*) FROM sheepdog.batches")
-        .fetch_one(pool)
-        .await?)
+    Ok(query_scalar("SELECT count(*) FROM sheepdog.batches").one(pool).await?)
 }

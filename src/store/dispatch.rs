@@ -9,6 +9,7 @@
 //! and their `pending` ledger rows. A call is therefore never sent on a decision made from a
 //! stale copy of the limits.
 
+use super::sql::{query, query_as, query_scalar, Standalone};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -133,7 +134,7 @@ pub const DISPATCH_LOCK: (i32, i32) = (0x7364_6470, 0);
 
 /// Takes the dispatch lock for the rest of the transaction.
 pub async fn lock(conn: &mut PgConnection) -> Result<(), StoreError> {
-    sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
+    query("SELECT pg_advisory_xact_lock($1, $2)")
         .bind(DISPATCH_LOCK.0)
         .bind(DISPATCH_LOCK.1)
         .execute(conn)
@@ -144,7 +145,7 @@ pub async fn lock(conn: &mut PgConnection) -> Result<(), StoreError> {
 /// Whether any job waits that is due now (read without the lock: a cheap check before it).
 async fn anything_due(conn: &mut PgConnection) -> Result<bool, StoreError> {
     Ok(
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sheepdog.backlog WHERE run_at <= now())")
+        query_scalar("SELECT EXISTS (SELECT 1 FROM sheepdog.backlog WHERE run_at <= now())")
             .fetch_one(conn)
             .await?,
     )
@@ -218,7 +219,7 @@ async fn grant(
     // fetching the whole lane and sorting it (13,000 rows for 124 in the benchmark). This
     // transaction's statements only ever want the few first entries of an index, in its order,
     // so sorts and bitmap scans are off for it.
-    let (now, vclock): (DateTime<Utc>, i64) = sqlx::query_as(
+    let (now, vclock): (DateTime<Utc>, i64) = query_as(
         "SELECT clock_timestamp(), vclock, set_config('enable_sort', 'off', true),
                 set_config('enable_bitmapscan', 'off', true)
            FROM sheepdog.scheduler WHERE id = 1",
@@ -226,7 +227,7 @@ async fn grant(
     .fetch_one(&mut **tx)
     .await
     .map(|r: (DateTime<Utc>, i64, String, String)| (r.0, r.1))?;
-    let global_row: ScopeRow = sqlx::query_as(&format!(
+    let global_row: ScopeRow = query_as(&format!(
         "SELECT {SCOPE_COLUMNS} FROM sheepdog.limit_scopes s
            LEFT JOIN sheepdog.budget b ON b.scope = s.scope
                  AND b.period_key = sheepdog.budget_period_key(s.budget_period, $1)
@@ -243,7 +244,7 @@ async fn grant(
     if !lanes.is_empty() {
         // A model's row is also written by the upstream's pauses (`limits::throttle`): wait for
         // any such change to commit, then read it.
-        let model_rows: Vec<ScopeRow> = sqlx::query_as(&format!(
+        let model_rows: Vec<ScopeRow> = query_as(&format!(
             "SELECT {SCOPE_COLUMNS} FROM sheepdog.limit_scopes s
                LEFT JOIN sheepdog.budget b ON b.scope = s.scope
                      AND b.period_key = sheepdog.budget_period_key(s.budget_period, $1)
@@ -291,7 +292,7 @@ async fn token_windows(
     }
     let names: Vec<String> = limited.iter().map(|s| s.name.clone()).collect();
     let rows: Vec<(String, i64, Decimal)> =
-        sqlx::query_as("SELECT scope, slot, tokens FROM sheepdog.token_slots WHERE scope = ANY($1) AND slot >= $2")
+        query_as("SELECT scope, slot, tokens FROM sheepdog.token_slots WHERE scope = ANY($1) AND slot >= $2")
             .bind(&names)
             .bind(slot_of(now) - HORIZON_SLOTS)
             .fetch_all(&mut **tx)
@@ -323,7 +324,7 @@ struct Pair {
 /// probe per pair however many jobs each has; then only batches that are active and within their
 /// deadline, with what is left of their spending caps (the batch's, and its producer key's).
 async fn pairs(tx: &mut Transaction<'_, Postgres>, now: DateTime<Utc>) -> Result<Vec<Pair>, StoreError> {
-    Ok(sqlx::query_as(
+    Ok(query_as(
         "WITH RECURSIVE p AS (
              (SELECT model, batch_id FROM sheepdog.backlog ORDER BY model, batch_id LIMIT 1)
              UNION ALL
@@ -363,7 +364,7 @@ async fn breakers(
     tx: &mut Transaction<'_, Postgres>,
     lanes: &[String],
 ) -> Result<HashMap<String, Breaker>, StoreError> {
-    let rows: Vec<BreakerRow> = sqlx::query_as(
+    let rows: Vec<BreakerRow> = query_as(
         "SELECT scope, state, since, reason, open_until, probe_until FROM sheepdog.breakers
           WHERE (scope = '*' OR scope = ANY($1)) AND state <> 'closed'
           ORDER BY scope FOR UPDATE",
@@ -410,7 +411,7 @@ async fn candidates(
     let per_batch = slots.div_ceil(pairs.len()).max(4).min(slots.max(1));
     let models: Vec<&str> = pairs.iter().map(|p| p.model.as_str()).collect();
     let batches: Vec<&str> = pairs.iter().map(|p| p.batch_id.as_str()).collect();
-    let rows: Vec<CandidateRow> = sqlx::query_as(
+    let rows: Vec<CandidateRow> = query_as(
         "SELECT c.batch_id, c.custom_id, c.model, c.seq, c.reserve_tokens, c.reserve_cost_usd
            FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS l(model, batch_id, ord)
            CROSS JOIN LATERAL (
@@ -512,7 +513,7 @@ async fn apply(
     if !plan.levels.is_empty() {
         let scopes: Vec<&str> = plan.levels.iter().map(|l| l.scope.as_str()).collect();
         let req: Vec<Decimal> = plan.levels.iter().map(|l| l.req_level).collect();
-        sqlx::query(
+        query(
             "UPDATE sheepdog.limit_scopes s SET req_level = v.r, bucket_at = $3
                FROM unnest($1::text[], $2::numeric[]) AS v(scope, r)
               WHERE s.scope = v.scope",
@@ -526,7 +527,7 @@ async fn apply(
     if !plan.slot_tokens.is_empty() {
         let scopes: Vec<&str> = plan.slot_tokens.iter().map(|t| t.0.as_str()).collect();
         let tokens: Vec<Decimal> = plan.slot_tokens.iter().map(|t| t.1).collect();
-        sqlx::query(
+        query(
             "INSERT INTO sheepdog.token_slots AS t (scope, slot, tokens)
              SELECT v.scope, $3, v.tokens FROM unnest($1::text[], $2::numeric[]) AS v(scope, tokens)
              ON CONFLICT (scope, slot) DO UPDATE SET tokens = t.tokens + EXCLUDED.tokens",
@@ -538,7 +539,7 @@ async fn apply(
         .await?;
         // Slots older than any window checked are of no more use (now and then is enough).
         if plan.slot % 50 == 0 {
-            sqlx::query("DELETE FROM sheepdog.token_slots WHERE slot < $1")
+            query("DELETE FROM sheepdog.token_slots WHERE slot < $1")
                 .bind(plan.slot - 2 * HORIZON_SLOTS)
                 .execute(&mut **tx)
                 .await?;
@@ -548,7 +549,7 @@ async fn apply(
         let scopes: Vec<&str> = plan.reserved.iter().map(|r| r.0.as_str()).collect();
         let keys: Vec<&str> = plan.reserved.iter().map(|r| r.1.as_str()).collect();
         let amounts: Vec<Decimal> = plan.reserved.iter().map(|r| r.2).collect();
-        sqlx::query(
+        query(
             "INSERT INTO sheepdog.budget AS b (scope, period_key, reserved)
              SELECT * FROM unnest($1::text[], $2::text[], $3::numeric[])
              ON CONFLICT (scope, period_key) DO UPDATE SET reserved = b.reserved + EXCLUDED.reserved",
@@ -561,7 +562,7 @@ async fn apply(
     }
     let lease_s = lease.as_secs_f64();
     if !plan.probes.is_empty() {
-        sqlx::query(
+        query(
             "UPDATE sheepdog.breakers SET state = 'half_open',
                     since = CASE WHEN state = 'half_open' THEN since ELSE $3 END,
                     probe_owner = $2, probe_until = $3 + make_interval(secs => $4)
@@ -575,7 +576,7 @@ async fn apply(
         .await?;
     }
     if !plan.firsts.is_empty() {
-        sqlx::query(
+        query(
             "UPDATE sheepdog.limit_scopes SET gate_owner = $2, gate_until = $3 + make_interval(secs => $4)
               WHERE scope = ANY($1)",
         )
@@ -604,7 +605,7 @@ async fn apply(
         seqs.push(*seq);
     }
     let keys: Vec<Json<&Vec<String>>> = plan.grants.iter().map(|g| Json(&g.budget_keys)).collect();
-    let rows: Vec<GrantedRow> = sqlx::query_as(
+    let rows: Vec<GrantedRow> = query_as(
         "WITH g AS (
              SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::jsonb[]) AS g(model, batch_id, seq, keys)
          ), gone AS (
@@ -651,7 +652,7 @@ async fn apply(
     let pass_batches: Vec<&str> = passes.keys().copied().collect();
     let pass_values: Vec<i64> = passes.values().copied().collect();
     let max_vtime = plan.grants.iter().map(|g| g.vtime).max().unwrap_or(0);
-    sqlx::query(
+    query(
         "WITH v AS (SELECT * FROM unnest($1::text[], $2::bigint[]) AS v(batch_id, pass)),
               b AS (UPDATE sheepdog.batches b SET vpass = greatest(b.vpass, v.pass)
                       FROM v WHERE b.batch_id = v.batch_id)
@@ -685,7 +686,7 @@ async fn apply(
 /// its calls still pending. A round whose COMMIT went through while its answer was lost with
 /// the connection leaves such grants; the replica runs them.
 pub async fn lost_grants(pool: &PgPool, replica: i64, in_hand: &[i64]) -> Result<Vec<Granted>, StoreError> {
-    let rows: Vec<GrantedRow> = sqlx::query_as(
+    let rows: Vec<GrantedRow> = query_as(
         "SELECT c.id, c.batch_id, c.custom_id, c.attempt, c.model, j.request, j.message, c.reserved_tokens,
                 c.reserved_cost_usd, cardinality(c.budget_keys) > 0 OR c.token_slot IS NOT NULL
            FROM sheepdog.calls c
@@ -694,7 +695,7 @@ pub async fn lost_grants(pool: &PgPool, replica: i64, in_hand: &[i64]) -> Result
     )
     .bind(replica)
     .bind(in_hand)
-    .fetch_all(pool)
+    .all(pool)
     .await?;
     Ok(rows.into_iter().map(|r| granted(r, None, None)).collect())
 }

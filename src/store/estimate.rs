@@ -1,6 +1,7 @@
 //! What the estimate (contract §11) reads: the ledger's recent history per model, what waits in
 //! the backlog, the replicas alive, and what is left of a running batch.
 
+use super::sql::{query_as, query_scalar, Standalone};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
 
@@ -12,7 +13,7 @@ pub type ModelHistory = (String, i64, f64, f64, f64);
 
 /// The last thousand successful calls of each model within a week.
 pub async fn history(pool: &PgPool, models: &[String]) -> Result<Vec<ModelHistory>, StoreError> {
-    Ok(sqlx::query_as(
+    Ok(query_as(
         "SELECT m.model, count(*),
                 coalesce(avg(x.completion_tokens), 0)::float8,
                 coalesce(sum(x.cached)::float8 / nullif(sum(x.prompt_tokens), 0), 0)::float8,
@@ -27,43 +28,43 @@ pub async fn history(pool: &PgPool, models: &[String]) -> Result<Vec<ModelHistor
           GROUP BY m.model",
     )
     .bind(models)
-    .fetch_all(pool)
+    .all(pool)
     .await?)
 }
 
 /// Mean length of the last thousand successful calls (grant to settlement), in seconds.
 pub async fn call_seconds(pool: &PgPool) -> Result<Option<f64>, StoreError> {
-    Ok(sqlx::query_scalar(
+    Ok(query_scalar(
         "SELECT avg(extract(epoch FROM finished_at - started_at))::float8
            FROM (SELECT started_at, finished_at FROM sheepdog.calls
                   WHERE outcome = 'ok' AND finished_at IS NOT NULL
                   ORDER BY started_at DESC LIMIT 1000) c",
     )
-    .fetch_one(pool)
+    .one(pool)
     .await?)
 }
 
 /// Jobs waiting in Postgres that may go, by model and batch: (model, batch, priority, jobs).
 /// Paused, cancelled and expired batches' jobs wait behind nobody.
 pub async fn waiting(pool: &PgPool) -> Result<Vec<(String, String, i16, i64)>, StoreError> {
-    Ok(sqlx::query_as(
+    Ok(query_as(
         "SELECT b.model, b.batch_id, coalesce(bt.priority, 1::smallint), count(*)
            FROM sheepdog.backlog b
            LEFT JOIN sheepdog.batches bt ON bt.batch_id = b.batch_id
           WHERE coalesce(bt.control, 'active') = 'active' AND (bt.expires_at IS NULL OR bt.expires_at > now())
           GROUP BY 1, 2, 3",
     )
-    .fetch_all(pool)
+    .all(pool)
     .await?)
 }
 
 /// The replicas alive (a heartbeat in the last 10 s) and the calls they keep in flight together.
 pub async fn replicas(pool: &PgPool) -> Result<(i64, i64), StoreError> {
-    Ok(sqlx::query_as(
+    Ok(query_as(
         "SELECT count(*), coalesce(sum(coalesce(concurrency, 32)), 0)::bigint
            FROM sheepdog.replicas WHERE last_seen > now() - interval '10 seconds'",
     )
-    .fetch_one(pool)
+    .one(pool)
     .await?)
 }
 
@@ -72,7 +73,7 @@ pub async fn replicas(pool: &PgPool) -> Result<(i64, i64), StoreError> {
 pub type Remaining = (String, i64, Decimal, f64, Option<Decimal>, Option<f64>, i64);
 
 pub async fn remaining(pool: &PgPool, batch_id: &str) -> Result<Vec<Remaining>, StoreError> {
-    Ok(sqlx::query_as(
+    Ok(query_as(
         "WITH open AS (
              SELECT coalesce(model, '') AS model, count(*) AS jobs,
                     coalesce(avg(reserve_cost_usd), 0) AS worst_usd,
@@ -90,6 +91,6 @@ pub async fn remaining(pool: &PgPool, batch_id: &str) -> Result<Vec<Remaining>, 
           ORDER BY open.model",
     )
     .bind(batch_id)
-    .fetch_all(pool)
+    .all(pool)
     .await?)
 }

@@ -1,5 +1,6 @@
 //! The intake side: jobs arriving from the broker (or registered by `enqueue`) become rows.
 
+use super::sql::{query_as, query_scalar, Standalone};
 use rust_decimal::Decimal;
 use serde_json::Value;
 use sqlx::types::Json;
@@ -60,7 +61,7 @@ pub async fn admit(pool: &PgPool, items: Vec<Admission>) -> Result<Vec<Admitted>
         tokens.push(a.reserve_tokens);
         costs.push(a.reserve_cost_usd);
     }
-    let new: Vec<(String, String)> = sqlx::query_as(&format!(
+    let new: Vec<(String, String)> = query_as(&format!(
         r#"
         WITH input AS (
             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::bytea[], $6::bigint[],
@@ -126,7 +127,7 @@ pub async fn admit(pool: &PgPool, items: Vec<Admission>) -> Result<Vec<Admitted>
     .bind(&requests)
     .bind(&tokens)
     .bind(&costs)
-    .fetch_all(pool)
+    .all(pool)
     .await?;
     let new: std::collections::HashSet<(String, String)> = new.into_iter().collect();
     Ok(items
@@ -151,7 +152,7 @@ pub async fn fail_without_call(
     metadata: Option<&Value>,
     error: &Value,
 ) -> Result<bool, StoreError> {
-    let failed: bool = sqlx::query_scalar(&format!(
+    let failed: bool = query_scalar(&format!(
         r#"
         WITH failed AS (
             INSERT INTO sheepdog.jobs AS j (batch_id, custom_id, status, model, metadata, error, finished_at)
@@ -182,7 +183,7 @@ pub async fn fail_without_call(
     .bind(model)
     .bind(metadata.map(Json))
     .bind(Json(error))
-    .fetch_one(pool)
+    .one(pool)
     .await?;
     Ok(failed)
 }
@@ -191,7 +192,7 @@ pub async fn fail_without_call(
 /// attempts and cost so far stay, since those calls happened. Its message is stored again when
 /// the replayed message arrives.
 pub async fn reopen_failed(pool: &PgPool, id: &JobId) -> Result<bool, StoreError> {
-    let reopened: bool = sqlx::query_scalar(
+    let reopened: bool = query_scalar(
         "WITH reopened AS (
              UPDATE sheepdog.jobs SET status = 'queued', error = NULL, response = NULL, finished_at = NULL,
                     status_code = NULL, owner = NULL, message = NULL, request = NULL
@@ -206,7 +207,7 @@ pub async fn reopen_failed(pool: &PgPool, id: &JobId) -> Result<bool, StoreError
     )
     .bind(&id.batch_id)
     .bind(&id.custom_id)
-    .fetch_one(pool)
+    .one(pool)
     .await?;
     Ok(reopened)
 }
@@ -221,7 +222,7 @@ pub async fn register_queued(
     metadata: &[Option<Value>],
 ) -> Result<i64, StoreError> {
     let metadata: Vec<Option<Json<&Value>>> = metadata.iter().map(|m| m.as_ref().map(Json)).collect();
-    Ok(sqlx::query_scalar(
+    Ok(query_scalar(
         r#"
         WITH ins AS (
             INSERT INTO sheepdog.jobs (batch_id, custom_id, status, model, metadata)
@@ -240,6 +241,6 @@ pub async fn register_queued(
     .bind(custom_ids)
     .bind(models)
     .bind(metadata)
-    .fetch_one(pool)
+    .one(pool)
     .await?)
 }

@@ -7,6 +7,7 @@
 //! earlier than the database's own start (so a database restart kills nobody). A live replica
 //! holds its lock however long its calls run, so its work is never taken over.
 
+use super::sql::{query, query_as, query_scalar, Standalone};
 use std::time::Duration;
 
 use sqlx::postgres::PgConnectOptions;
@@ -24,10 +25,10 @@ fn lock_key(id: i64) -> i32 {
 /// Registers a replica; returns its id.
 pub async fn register(pool: &PgPool, name: &str, concurrency: u16) -> Result<i64, StoreError> {
     Ok(
-        sqlx::query_scalar("INSERT INTO sheepdog.replicas (name, concurrency) VALUES ($1, $2) RETURNING id")
+        query_scalar("INSERT INTO sheepdog.replicas (name, concurrency) VALUES ($1, $2) RETURNING id")
             .bind(name)
             .bind(i32::from(concurrency))
-            .fetch_one(pool)
+            .one(pool)
             .await?,
     )
 }
@@ -48,9 +49,9 @@ impl LifeLine {
             "SET tcp_keepalives_interval = 5",
             "SET tcp_keepalives_count = 3",
         ] {
-            let _ = sqlx::query(set).execute(&mut conn).await;
+            let _ = query(set).execute(&mut conn).await;
         }
-        sqlx::query("SELECT pg_advisory_lock($1, $2)")
+        query("SELECT pg_advisory_lock($1, $2)")
             .bind(LOCK_CLASS)
             .bind(lock_key(id))
             .execute(&mut conn)
@@ -61,7 +62,7 @@ impl LifeLine {
     /// Touches the replica's row. `Ok(false)`: the row is gone, so other replicas took this
     /// one for dead and took over its jobs.
     pub async fn beat(&mut self) -> Result<bool, StoreError> {
-        let r = sqlx::query("UPDATE sheepdog.replicas SET last_seen = now() WHERE id = $1")
+        let r = query("UPDATE sheepdog.replicas SET last_seen = now() WHERE id = $1")
             .bind(self.id)
             .execute(&mut self.conn)
             .await?;
@@ -93,7 +94,7 @@ pub async fn take_over_dead(
     max_attempts: u32,
 ) -> Result<TakenOver, StoreError> {
     let mut tx = pool.begin().await?;
-    let dead: Vec<(i64, String)> = sqlx::query_as(
+    let dead: Vec<(i64, String)> = query_as(
         "SELECT r.id, r.name FROM sheepdog.replicas r
           WHERE greatest(r.last_seen, pg_postmaster_start_time()) < now() - make_interval(secs => $1)
             AND NOT EXISTS (
@@ -135,7 +136,7 @@ async fn release_jobs(
     ids: &[i64],
     max_attempts: u32,
 ) -> Result<TakenOver, StoreError> {
-    let (requeued, failed, unknown): Counts = sqlx::query_as(&format!(
+    let (requeued, failed, unknown): Counts = query_as(&format!(
         r#"
         WITH stale AS (
             UPDATE sheepdog.calls c

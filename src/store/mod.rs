@@ -14,8 +14,10 @@ pub mod liveness;
 pub mod outbox;
 pub mod report;
 pub mod settle;
+pub mod sql;
 pub mod upkeep;
 
+use sql::{query, query_scalar, Standalone, StandaloneRun};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -147,8 +149,11 @@ impl From<sqlx::Error> for StoreError {
 /// and the gauges. With its life line, a replica holds at most `REPLICA_POOL + 1` connections.
 pub const REPLICA_POOL: u32 = 6;
 
-/// Opens a pool to the sheepdog database, creating the database if it is missing.
-pub async fn connect(url: &SecretString, max_connections: u32) -> anyhow::Result<PgPool> {
+/// Opens a pool to the sheepdog database, creating the database if it is missing. A process
+/// talks to Postgres one way: `transaction_pooler` (a pooler in transaction mode in front) holds
+/// for every statement it sends (see [`sql`]).
+pub async fn connect(url: &SecretString, max_connections: u32, transaction_pooler: bool) -> anyhow::Result<PgPool> {
+    sql::set_transaction_pooler(transaction_pooler);
     let shown = redact_url(url.expose_secret());
     let opts = connect_options(url)?;
     let pool_opts = || {
@@ -193,7 +198,7 @@ async fn create_database(opts: &PgConnectOptions, shown: &str) -> anyhow::Result
         format!("database in {shown} is missing and the server's `postgres` database cannot be reached to create it")
     })?;
     let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
-    match sqlx::query(&sql).execute(&mut conn).await {
+    match query(&sql).execute(&mut conn).await {
         Ok(_) => {
             tracing::info!(database = %name, "created the database");
             Ok(())
@@ -224,8 +229,8 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
 
 /// Checks that `migrate` has run against this database.
 pub async fn require_schema(pool: &PgPool) -> anyhow::Result<()> {
-    let ok: bool = sqlx::query_scalar("SELECT to_regclass('sheepdog.backlog') IS NOT NULL")
-        .fetch_one(pool)
+    let ok: bool = query_scalar("SELECT to_regclass('sheepdog.backlog') IS NOT NULL")
+        .one(pool)
         .await?;
     anyhow::ensure!(
         ok,
@@ -236,6 +241,6 @@ pub async fn require_schema(pool: &PgPool) -> anyhow::Result<()> {
 
 /// Answers when the database does.
 pub async fn ping(pool: &PgPool) -> Result<(), StoreError> {
-    sqlx::query("SELECT 1").execute(pool).await?;
+    query("SELECT 1").run(pool).await?;
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! rows), published with confirms, and deleted in the same transaction: a crash in between
 //! leaves the rows, to be published again (at least once).
 
+use super::sql::{query, query_as, query_scalar, Standalone};
 use serde_json::Value;
 use sqlx::{PgPool, Postgres, Transaction};
 
@@ -45,14 +46,14 @@ pub struct Taken {
 pub async fn take(pool: &PgPool, limit: i64, max_messages: usize) -> Result<Option<Taken>, StoreError> {
     // A look along the primary key first, so an empty outbox costs no transaction. (Not
     // `EXISTS`: that scans the table, dead rows of published messages included.)
-    let first: Option<i64> = sqlx::query_scalar("SELECT id FROM sheepdog.outbox ORDER BY id LIMIT 1")
-        .fetch_optional(pool)
+    let first: Option<i64> = query_scalar("SELECT id FROM sheepdog.outbox ORDER BY id LIMIT 1")
+        .maybe(pool)
         .await?;
     if first.is_none() {
         return Ok(None);
     }
     let mut tx = pool.begin().await?;
-    let mut rows: Vec<Row> = sqlx::query_as(
+    let mut rows: Vec<Row> = query_as(
         "SELECT id, exchange, routing_key, headers, body, job_custom_id, job_custom_ids FROM sheepdog.outbox
           ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
@@ -91,7 +92,7 @@ pub async fn take(pool: &PgPool, limit: i64, max_messages: usize) -> Result<Opti
                 super::report::ENDED_JOB
             )
         });
-        let jobs: Vec<super::report::EndedJob> = sqlx::query_as(JOBS.as_str())
+        let jobs: Vec<super::report::EndedJob> = query_as(JOBS.as_str())
             .bind(&batches)
             .bind(&customs)
             .fetch_all(&mut *tx)
@@ -134,7 +135,7 @@ pub async fn take(pool: &PgPool, limit: i64, max_messages: usize) -> Result<Opti
 impl Taken {
     /// Deletes the rows whose messages were all published (by id) and commits.
     pub async fn done(mut self, published: &[i64]) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM sheepdog.outbox WHERE id = ANY($1)")
+        query("DELETE FROM sheepdog.outbox WHERE id = ANY($1)")
             .bind(published)
             .execute(&mut *self.tx)
             .await?;
@@ -145,7 +146,5 @@ impl Taken {
 
 /// Messages waiting to be published.
 pub async fn depth(pool: &PgPool) -> Result<i64, StoreError> {
-    Ok(sqlx::query_scalar("SELECT count(*) FROM sheepdog.outbox")
-        .fetch_one(pool)
-        .await?)
+    Ok(query_scalar("SELECT count(*) FROM sheepdog.outbox").one(pool).await?)
 }

@@ -1,7 +1,8 @@
 //! Read-side queries: batch status, export lines, cost by model.
 
+use super::sql::{query_as, query_scalar, Standalone};
 use chrono::{DateTime, Utc};
-use futures::Stream;
+use futures::stream::BoxStream;
 use rust_decimal::Decimal;
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -47,7 +48,7 @@ type Latencies = (Option<f64>, Option<f64>, Option<f64>, Option<DateTime<Utc>>);
 
 pub async fn batch_status(pool: &PgPool, batch_id: &str) -> Result<BatchStatus, super::StoreError> {
     let o = super::batches::show(pool, batch_id).await?;
-    let (p50, p95, p99, last_at): Latencies = sqlx::query_as(
+    let (p50, p95, p99, last_at): Latencies = query_as(
         "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) FILTER (WHERE status = 'succeeded'),
                 percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms) FILTER (WHERE status = 'succeeded'),
                 percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms) FILTER (WHERE status = 'succeeded'),
@@ -55,7 +56,7 @@ pub async fn batch_status(pool: &PgPool, batch_id: &str) -> Result<BatchStatus, 
            FROM sheepdog.jobs WHERE batch_id = $1",
     )
     .bind(batch_id)
-    .fetch_one(pool)
+    .one(pool)
     .await?;
     let Some(o) = o else {
         return Ok(BatchStatus {
@@ -127,7 +128,7 @@ pub struct ModelCost {
 }
 
 pub async fn batch_cost_by_model(pool: &PgPool, batch_id: &str) -> sqlx::Result<Vec<ModelCost>> {
-    sqlx::query_as(
+    query_as(
         r#"SELECT model, count(*) AS calls,
                   coalesce(sum(prompt_tokens), 0)::bigint AS prompt_tokens,
                   coalesce(sum(completion_tokens), 0)::bigint AS completion_tokens,
@@ -136,20 +137,20 @@ pub async fn batch_cost_by_model(pool: &PgPool, batch_id: &str) -> sqlx::Result<
             GROUP BY model ORDER BY model"#,
     )
     .bind(batch_id)
-    .fetch_all(pool)
+    .all(pool)
     .await
 }
 
 /// The most common failure reasons of a batch.
 pub async fn failure_reasons(pool: &PgPool, batch_id: &str, limit: i64) -> sqlx::Result<Vec<(String, i64)>> {
-    sqlx::query_as(
+    query_as(
         r#"SELECT coalesce(error->>'message', error::text, 'unknown') AS reason, count(*)
              FROM sheepdog.jobs WHERE batch_id = $1 AND status = 'failed'
             GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT $2"#,
     )
     .bind(batch_id)
     .bind(limit)
-    .fetch_all(pool)
+    .all(pool)
     .await
 }
 
@@ -232,16 +233,49 @@ impl EndedJob {
     }
 }
 
+/// Rows read per statement by [`ended_rows`].
+const PAGE: i64 = 1000;
+
 /// Ended jobs of a batch, streamed in `custom_id` order.
-pub fn export_rows<'a>(pool: &'a PgPool, batch_id: &'a str) -> impl Stream<Item = sqlx::Result<EndedJob>> + 'a {
+pub fn export_rows<'a>(pool: &'a PgPool, batch_id: &'a str) -> BoxStream<'a, sqlx::Result<EndedJob>> {
+    ended_rows(pool, batch_id, None)
+}
+
+/// Ended jobs of a batch in `custom_id` order (`only_succeeded`: only those, or only the others),
+/// streamed a page at a time: a statement each, read along the primary key from where the last
+/// one ended. No statement stays open while the reader writes (and each is a transaction of its
+/// own behind a pooler in transaction mode).
+pub(super) fn ended_rows<'a>(
+    pool: &'a PgPool,
+    batch_id: &'a str,
+    only_succeeded: Option<bool>,
+) -> BoxStream<'a, sqlx::Result<EndedJob>> {
+    use futures::{StreamExt, TryStreamExt};
     static QUERY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         format!(
             "SELECT {ENDED_JOB} FROM sheepdog.jobs j
-              WHERE j.batch_id = $1 AND j.status IN ('succeeded', 'failed', 'cancelled', 'expired')
-              ORDER BY j.custom_id"
+              WHERE j.batch_id = $1 AND j.custom_id > $2
+                AND j.status IN ('succeeded', 'failed', 'cancelled', 'expired')
+                AND ($3::boolean IS NULL OR (j.status = 'succeeded') = $3)
+              ORDER BY j.custom_id LIMIT $4"
         )
     });
-    sqlx::query_as(QUERY.as_str()).bind(batch_id).fetch(pool)
+    futures::stream::try_unfold(Some(String::new()), move |after| async move {
+        let Some(after) = after else {
+            return Ok::<_, sqlx::Error>(None);
+        };
+        let page: Vec<EndedJob> = query_as(QUERY.as_str())
+            .bind(batch_id)
+            .bind(&after)
+            .bind(only_succeeded)
+            .bind(PAGE)
+            .all(pool)
+            .await?;
+        let next = (page.len() as i64 == PAGE).then(|| page.last().map(|j| j.custom_id.clone()));
+        Ok(Some((futures::stream::iter(page).map(Ok), next.flatten())))
+    })
+    .try_flatten()
+    .boxed()
 }
 
 /// One row of `sheepdog report`: cost and tokens of a day, model and batch.
@@ -266,7 +300,7 @@ pub async fn cost_report(
     until: Option<chrono::NaiveDate>,
     batch: Option<&str>,
 ) -> sqlx::Result<Vec<CostRow>> {
-    sqlx::query_as(
+    query_as(
         r#"SELECT day, model, batch_id, calls, prompt_tokens, completion_tokens, cost_usd, cost_charged, currency
              FROM sheepdog.cost_daily
             WHERE ($1::date IS NULL OR day >= $1) AND ($2::date IS NULL OR day <= $2)
@@ -276,15 +310,13 @@ pub async fn cost_report(
     .bind(since)
     .bind(until)
     .bind(batch)
-    .fetch_all(pool)
+    .all(pool)
     .await
 }
 
 /// Jobs waiting in Postgres for a call.
 pub async fn backlog_depth(pool: &PgPool) -> Result<i64, super::StoreError> {
-    Ok(sqlx::query_scalar("SELECT count(*) FROM sheepdog.backlog")
-        .fetch_one(pool)
-        .await?)
+    Ok(query_scalar("SELECT count(*) FROM sheepdog.backlog").one(pool).await?)
 }
 
 /// End-to-end and worker latency percentiles of a batch, in milliseconds: (e2e p50, e2e p99,
@@ -293,7 +325,7 @@ pub async fn latency_percentiles(
     pool: &PgPool,
     batch_id: &str,
 ) -> Result<(f64, f64, f64, f64, f64, f64), super::StoreError> {
-    Ok(sqlx::query_as(
+    Ok(query_as(
         r#"SELECT
              coalesce(percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at) * 1000), 0),
              coalesce(percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at) * 1000), 0),
@@ -304,18 +336,18 @@ pub async fn latency_percentiles(
            FROM sheepdog.jobs WHERE batch_id = $1"#,
     )
     .bind(batch_id)
-    .fetch_one(pool)
+    .one(pool)
     .await?)
 }
 
 /// A batch's spend by the ledger, and its succeeded and failed job counts.
 pub async fn spend_and_counts(pool: &PgPool, batch_id: &str) -> Result<(Decimal, i64, i64), super::StoreError> {
-    Ok(sqlx::query_as(
+    Ok(query_as(
         "SELECT (SELECT coalesce(sum(cost_usd), 0) FROM sheepdog.llm_calls WHERE batch_id = $1),
                 count(*) FILTER (WHERE status = 'succeeded'), count(*) FILTER (WHERE status = 'failed')
            FROM sheepdog.jobs WHERE batch_id = $1",
     )
     .bind(batch_id)
-    .fetch_one(pool)
+    .one(pool)
     .await?)
 }

@@ -2,6 +2,7 @@
 //! statement for many calls at once. It runs in the transaction of its replica's next dispatch
 //! (`store::dispatch::settle_and_dispatch`): one round trip and one commit for both.
 
+use super::sql::query;
 use rust_decimal::Decimal;
 use serde_json::Value;
 use sqlx::types::Json;
@@ -253,7 +254,7 @@ pub async fn settle(conn: &mut PgConnection, items: &[Settlement]) -> Result<(),
             FINISHED_EVENTS = super::batches::FINISHED_EVENTS
         )
     });
-    sqlx::query(SQL.as_str())
+    query(SQL.as_str())
         .bind(&attempts)
         .bind(&batch_ids)
         .bind(&custom_ids)

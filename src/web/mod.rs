@@ -38,7 +38,11 @@ pub async fn serve(addr: &str, what: &str, router: Router, shutdown: Cancellatio
 /// The pool a web face reads through: connections are made on demand (a face starts, and
 /// answers 503, while the database is down), waiting for one gives up after 2 s and a
 /// statement after 5 s (`store::dashboard::lazy_pool`), so a request never hangs on the database.
-pub fn pool(database_url: &SecretString, max_connections: u32) -> anyhow::Result<PgPool> {
+pub fn pool(database_url: &SecretString, max_connections: u32, transaction_pooler: bool) -> anyhow::Result<PgPool> {
     let opts = crate::store::connect_options(database_url)?;
-    Ok(crate::store::dashboard::lazy_pool(opts, max_connections))
+    Ok(crate::store::dashboard::lazy_pool(
+        opts,
+        max_connections,
+        transaction_pooler,
+    ))
 }

@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod pgbouncer;
 pub mod proxy;
 pub mod scenario;
 
@@ -166,7 +167,7 @@ impl TestEnv {
     /// An in-process replica given these limits, as `sheepdog worker --rpm …` would be.
     pub async fn spawn_worker_limited(&self, name: &str, args: WorkerArgs, limits: &LimitArgs) -> WorkerHandle {
         let w: Arc<Worker> = sheepdog::commands::build_worker(
-            &self.db_url,
+            &sheepdog::config::DbArgs::direct(self.db_url.clone()),
             &self.amqp_url,
             &self.upstream_args(),
             &args,
@@ -269,14 +270,20 @@ impl TestEnv {
 
     /// Runs the real binary with this environment's URLs (a CLI command, as a user would).
     pub async fn cli(&self, args: &[&str]) -> std::process::Output {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_sheepdog"))
-            .args(args)
+        self.cli_with(args, &[]).await
+    }
+
+    /// [`TestEnv::cli`] with more settings in its environment (over this environment's URLs).
+    pub async fn cli_with(&self, args: &[&str], settings: &[(&str, String)]) -> std::process::Output {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sheepdog"));
+        cmd.args(args)
             .env("DATABASE_URL", self.db_url.expose_secret())
             .env("AMQP_URL", self.amqp_url.expose_secret())
-            .env("RUST_LOG", "warn")
-            .output()
-            .await
-            .expect("sheepdog runs")
+            .env("RUST_LOG", "warn");
+        for (k, v) in settings {
+            cmd.env(k, v);
+        }
+        cmd.output().await.expect("sheepdog runs")
     }
 }
 

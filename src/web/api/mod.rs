@@ -39,6 +39,8 @@ use crate::prices::PriceTable;
 pub struct Settings {
     pub addr: String,
     pub database_url: SecretString,
+    /// `DATABASE_URL` is a pooler in transaction mode (see `store::sql`).
+    pub transaction_pooler: bool,
     pub amqp_url: SecretString,
     /// Validation refuses a model without a price (contract §3).
     pub prices: PriceTable,
@@ -81,7 +83,7 @@ const PROCESSING: usize = 4;
 /// over batches left validating, ends finished batches with their files and expires files.
 pub async fn serve(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let state = ApiState(Arc::new(Api {
-        pool: super::pool(&s.database_url, 16)?,
+        pool: super::pool(&s.database_url, 16, s.transaction_pooler)?,
         amqp_url: s.amqp_url,
         prices: s.prices,
         max_message_bytes: s.max_message_bytes,

@@ -30,6 +30,8 @@ use crate::store::Priority;
 pub struct Settings {
     pub addr: String,
     pub database_url: SecretString,
+    /// `DATABASE_URL` is a pooler in transaction mode (see `store::sql`).
+    pub transaction_pooler: bool,
     pub amqp_url: SecretString,
     /// Enables the actions for whoever signs in with it; `None`: read-only.
     pub token: Option<SecretString>,
@@ -46,7 +48,7 @@ pub(crate) struct App {
 /// Serves the dashboard until `shutdown` is cancelled.
 pub async fn serve(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let app = Arc::new(App {
-        pool: super::pool(&s.database_url, 8)?,
+        pool: super::pool(&s.database_url, 8, s.transaction_pooler)?,
         amqp_url: s.amqp_url,
         amqp: tokio::sync::Mutex::new((None, None)),
         auth: auth::Auth::new(s.token),
