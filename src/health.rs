@@ -1,7 +1,7 @@
 //! What a replica can do right now, and why not: the one place its readiness lives. The worker
 //! writes it; `/readyz`, `/metrics` and the logs read it.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use crate::plan::{BlockKind, Blocked};
@@ -10,6 +10,11 @@ use crate::plan::{BlockKind, Blocked};
 pub struct Health {
     amqp: AtomicBool,
     db: AtomicBool,
+    /// Why the database did not answer, as its last failure said (e.g. Postgres refusing
+    /// another connection), until it answers again.
+    db_reason: Mutex<Option<String>>,
+    /// Statements that failed because the database did not answer, since start.
+    db_failures: AtomicU64,
     /// This replica's id in `sheepdog.replicas` (0 before it registers).
     replica: AtomicI64,
     /// Why calls of every model are held, as the last dispatch found.
@@ -27,9 +32,25 @@ impl Health {
         self.amqp.load(Ordering::Relaxed)
     }
 
-    /// Records whether the database answers; returns the previous value.
+    /// Records that the database answers; returns whether it did before.
     pub fn set_db(&self, up: bool) -> bool {
+        if up {
+            *self.db_reason.lock().unwrap() = None;
+        }
         self.db.swap(up, Ordering::Relaxed)
+    }
+
+    /// Records that a statement failed because the database did not answer, and why; returns
+    /// whether it answered before.
+    pub fn db_failed(&self, why: &str) -> bool {
+        self.db_failures.fetch_add(1, Ordering::Relaxed);
+        *self.db_reason.lock().unwrap() = Some(why.to_string());
+        self.db.swap(false, Ordering::Relaxed)
+    }
+
+    /// Statements that failed because the database did not answer, since start.
+    pub fn db_failures(&self) -> u64 {
+        self.db_failures.load(Ordering::Relaxed)
     }
 
     pub fn db(&self) -> bool {
@@ -63,7 +84,10 @@ impl Health {
     /// limit that refills within a second is not a pause.
     pub fn paused(&self) -> Option<String> {
         if !self.db() {
-            return Some("database unreachable".into());
+            return Some(match self.db_reason.lock().unwrap().as_deref() {
+                Some(why) => format!("database unreachable: {why}"),
+                None => "database unreachable".into(),
+            });
         }
         self.held().filter(|b| b.kind != BlockKind::Rate).map(|b| b.reason)
     }

@@ -1,7 +1,6 @@
 //! `sheepdog bench`: end-to-end throughput and latency against the in-process mock.
 
 use std::io::Write;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rust_decimal::Decimal;
@@ -14,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{AmqpArgs, DbArgs, LimitArgs, UpstreamArgs, WorkerArgs};
 use crate::limits::{BudgetPeriod, LimitChange};
 use crate::upstream::mock::CallRecord;
-use crate::upstream::mock::{MockConfig, MockServer};
+use crate::upstream::mock::{MockConfig, MockServer, MockState};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
@@ -79,9 +78,41 @@ pub struct BenchResult {
     pub upstream_p50_ms: f64,
     pub upstream_p99_ms: f64,
     pub mock_own_p50_ms: f64,
+    /// What sheepdog added to each call: from the transaction that granted it to the one that
+    /// settled it, less the time the mock itself held that very call.
     pub added_p50_ms: f64,
     pub added_p99_ms: f64,
     pub upstream_calls: usize,
+    /// Of the replicas' slots, the share busy with a call at the mock, from the first call's
+    /// arrival to the last one's answer (runs with a mock latency only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slots_busy: Option<f64>,
+    /// The time a perfect scheduler needs for the same call durations on the same slots, over
+    /// the time taken (runs with a mock latency only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vs_perfect_scheduler: Option<f64>,
+    /// CPU the workers used (the process, less the mock's and the producer's threads).
+    pub worker_cpu_ms_per_job: f64,
+    pub mock_cpu_ms_per_job: f64,
+    pub enqueue_cpu_ms_per_job: f64,
+    /// The database's work per job: commits, rows written, and the WAL the server wrote.
+    pub db_commits_per_job: f64,
+    pub db_rows_inserted_per_job: f64,
+    pub db_rows_updated_per_job: f64,
+    pub db_rows_deleted_per_job: f64,
+    pub db_wal_bytes_per_job: f64,
+    /// Dispatch rounds (settle and grant in one transaction, the wait for the dispatch lock
+    /// included) over all replicas.
+    pub dispatch_rounds: u64,
+    pub dispatch_p50_ms: f64,
+    pub dispatch_p99_ms: f64,
+    pub dispatch_max_ms: f64,
+    pub jobs_per_round: f64,
+    /// The most Postgres connections the replicas held at once (sampled twice a second).
+    pub pg_connections_peak: i64,
+    /// Statements of the replicas that failed because the database did not answer (a refused
+    /// connection among them).
+    pub db_failures: u64,
     pub peak_rss_mib: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limits: Option<LimitReport>,
@@ -125,9 +156,11 @@ pub async fn run(
     mut worker: WorkerArgs,
     b: BenchArgs,
 ) -> anyhow::Result<BenchResult> {
-    // Its own database, so limits set for the run touch nothing else.
-    let database_url = &bench_database(database_url)?;
-    let pool = super::migrate(database_url, amqp_url).await?;
+    // Its own database, so limits set for the run touch nothing else. The bench's own
+    // connections (setup, watching, the producer) are named apart from the replicas'.
+    let workers_url = &bench_database(database_url, None)?;
+    let own_url = &bench_database(database_url, Some(BENCH_APP))?;
+    let pool = super::migrate(own_url, amqp_url).await?;
     refuse_if_consumed(amqp_url).await?;
     // Nothing left from an earlier run: no limits until the workers bring this run's.
     crate::limits::apply(&pool, crate::limits::ALL, &unlimited()).await?;
@@ -142,16 +175,15 @@ pub async fn run(
         budget_period: b.budget.map(|_| BudgetPeriod::Total),
         limits_file: None,
     };
-    let mock = MockServer::start(
-        "127.0.0.1:0",
-        MockConfig {
-            latency_ms_min: b.latency_ms,
-            latency_ms_max: b.latency_ms_max.unwrap_or(b.latency_ms),
-            ..Default::default()
-        },
-    )
+    // The mock and the producer run on threads of their own, so what the workers cost in CPU
+    // can be told apart from what they cost.
+    let mock = SideMock::start(MockConfig {
+        latency_ms_min: b.latency_ms,
+        latency_ms_max: b.latency_ms_max.unwrap_or(b.latency_ms),
+        ..Default::default()
+    })
     .await?;
-    upstream.base_url = mock.base_url();
+    upstream.base_url = mock.base_url.clone();
     upstream.api_key = None;
     worker.metrics_addr = "off".into();
 
@@ -170,12 +202,14 @@ pub async fn run(
         }
     }
 
+    let work_before = crate::store::report::db_work(&pool).await?;
+    let cpu_before = process_cpu();
     let shutdown = CancellationToken::new();
     let mut handles = Vec::new();
-    let mut metrics = Vec::new();
+    let mut workers = Vec::new();
     for i in 0..b.replicas.max(1) {
         let w = super::build_worker(
-            &crate::config::DbArgs::direct(database_url.clone()),
+            &crate::config::DbArgs::direct(workers_url.clone()),
             amqp_url,
             &upstream,
             &worker,
@@ -183,9 +217,9 @@ pub async fn run(
             format!("bench-worker-{i}"),
         )
         .await?;
-        metrics.push(w.metrics.clone());
+        workers.push(w.clone());
         let s = shutdown.clone();
-        handles.push(tokio::spawn(async move { Arc::clone(&w).run(s).await }));
+        handles.push(tokio::spawn(async move { w.run(s).await }));
     }
     eprintln!(
         "bench: {} jobs, {} replica(s) x {} in flight, mock latency {} ms",
@@ -196,33 +230,27 @@ pub async fn run(
     );
 
     let started = Instant::now();
-    let (pool2, url2, input2, batch2, max) = (
-        pool.clone(),
+    let enqueue = side_enqueue(
+        own_url.clone(),
         amqp_url.clone(),
         input.clone(),
         batch_id.clone(),
         worker.message.max_message_bytes,
-    );
-    let enqueue = tokio::spawn(async move {
-        let t = Instant::now();
-        let opts = super::enqueue::EnqueueOptions {
-            max_message_bytes: max,
-            ..super::enqueue::EnqueueOptions::batch(&batch2)
-        };
-        let r = super::enqueue::enqueue_file(&pool2, &url2, &input2, &opts).await;
-        (r, t.elapsed())
-    });
+    )?;
     let mut last_print = Instant::now();
+    let mut connections_peak = 0i64;
     loop {
+        connections_peak = connections_peak.max(crate::store::report::connections_except(&pool, BENCH_APP).await?);
         let done = crate::store::report::ended_jobs(&pool, &batch_id).await?;
         if done as usize >= b.jobs {
             break;
         }
         // A budget run ends when every replica has paused on the budget.
         if b.budget.is_some()
-            && metrics
-                .iter()
-                .all(|m| m.health.paused().is_some() && m.in_flight.load(std::sync::atomic::Ordering::Relaxed) == 0)
+            && workers.iter().all(|w| {
+                w.metrics.health.paused().is_some()
+                    && w.metrics.in_flight.load(std::sync::atomic::Ordering::Relaxed) == 0
+            })
         {
             break;
         }
@@ -262,7 +290,9 @@ pub async fn run(
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    let (report, enqueue_time) = enqueue.await?;
+    let (report, enqueue_time, enqueue_cpu) = tokio::task::spawn_blocking(move || enqueue.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the producer's thread panicked"))?;
     let report = report?;
     anyhow::ensure!(
         report.refused.is_empty() && report.unconfirmed.is_empty(),
@@ -272,13 +302,40 @@ pub async fn run(
     for h in handles {
         h.await??;
     }
+    // The replicas' connections closed, so each backend has flushed its statistics.
+    for w in &workers {
+        w.pool.close().await;
+    }
+    let gone = Instant::now();
+    while crate::store::report::connections_except(&pool, BENCH_APP).await? > 0
+        && gone.elapsed() < Duration::from_secs(10)
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let work_after = crate::store::report::db_work(&pool).await?;
+    let mock_cpu = mock.stop().await?;
+    let worker_cpu = process_cpu()
+        .saturating_sub(cpu_before)
+        .saturating_sub(mock_cpu)
+        .saturating_sub(enqueue_cpu);
 
     let row = crate::store::report::latency_percentiles(&pool, &batch_id).await?;
     let calls = calls_in_run;
+    let added = added_latencies(&calls, &crate::store::report::call_spans(&pool, &batch_id).await?);
     crate::limits::apply(&pool, crate::limits::ALL, &unlimited()).await?;
     let mut own: Vec<u64> = calls.iter().map(|c| c.latency_ms).collect();
     own.sort_unstable();
     let own_p50 = own.get(own.len() / 2).copied().unwrap_or(0) as f64;
+    let slots = b.replicas.max(1) * worker.concurrency.max(1) as usize;
+    let occupancy = (b.latency_ms_max.unwrap_or(b.latency_ms) > 0).then(|| occupancy(&calls, slots));
+    let (mut rounds, mut granted) = (hdrhistogram::Histogram::<u64>::new(2)?, 0);
+    for w in &workers {
+        let r = w.rounds.lock().unwrap();
+        rounds.add(&r.took_us)?;
+        granted += r.granted;
+    }
+    let per_job = |v: i64| round(v as f64 / b.jobs.max(1) as f64);
+    let cpu_per_job = |d: Duration| round(d.as_secs_f64() * 1000.0 / b.jobs.max(1) as f64);
     let _ = std::fs::remove_dir_all(&dir);
     let result = BenchResult {
         jobs: b.jobs,
@@ -295,9 +352,26 @@ pub async fn run(
         upstream_p50_ms: round(row.4),
         upstream_p99_ms: round(row.5),
         mock_own_p50_ms: own_p50,
-        added_p50_ms: round(row.2 - own_p50),
-        added_p99_ms: round(row.3 - own_p50),
+        added_p50_ms: round(percentile(&added, 0.50)),
+        added_p99_ms: round(percentile(&added, 0.99)),
         upstream_calls: calls.len(),
+        slots_busy: occupancy.map(|o| round(o.0)),
+        vs_perfect_scheduler: occupancy.map(|o| round(o.1)),
+        worker_cpu_ms_per_job: cpu_per_job(worker_cpu),
+        mock_cpu_ms_per_job: cpu_per_job(mock_cpu),
+        enqueue_cpu_ms_per_job: cpu_per_job(enqueue_cpu),
+        db_commits_per_job: per_job(work_after.commits - work_before.commits),
+        db_rows_inserted_per_job: per_job(work_after.inserted - work_before.inserted),
+        db_rows_updated_per_job: per_job(work_after.updated - work_before.updated),
+        db_rows_deleted_per_job: per_job(work_after.deleted - work_before.deleted),
+        db_wal_bytes_per_job: per_job(work_after.wal_bytes - work_before.wal_bytes),
+        dispatch_rounds: rounds.len(),
+        dispatch_p50_ms: round(rounds.value_at_quantile(0.50) as f64 / 1000.0),
+        dispatch_p99_ms: round(rounds.value_at_quantile(0.99) as f64 / 1000.0),
+        dispatch_max_ms: round(rounds.max() as f64 / 1000.0),
+        jobs_per_round: round(granted as f64 / rounds.len().max(1) as f64),
+        pg_connections_peak: connections_peak,
+        db_failures: workers.iter().map(|w| w.metrics.health.db_failures()).sum(),
         peak_rss_mib: round(peak_rss_mib()),
         limits,
     };
@@ -308,12 +382,185 @@ pub async fn run(
     Ok(result)
 }
 
-/// `DATABASE_URL` with `_bench` added to the database name.
-fn bench_database(url: &SecretString) -> anyhow::Result<SecretString> {
+/// The `application_name` of the bench's own connections.
+const BENCH_APP: &str = "sheepdog bench";
+
+/// The mock upstream, serving on a thread of its own.
+struct SideMock {
+    base_url: String,
+    state: MockState,
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<Duration>,
+}
+
+impl SideMock {
+    async fn start(config: MockConfig) -> anyhow::Result<SideMock> {
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new().name("bench-mock".into()).spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(anyhow::Error::from(e)));
+                    return Duration::ZERO;
+                }
+            };
+            rt.block_on(async move {
+                match MockServer::start("127.0.0.1:0", config).await {
+                    Ok(m) => {
+                        let _ = ready_tx.send(Ok((m.base_url(), m.state.clone())));
+                        let _ = stop_rx.await;
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            });
+            drop(rt);
+            thread_cpu()
+        })?;
+        let (base_url, state) = ready_rx.await??;
+        Ok(SideMock {
+            base_url,
+            state,
+            stop,
+            thread,
+        })
+    }
+
+    /// Stops it; returns the CPU its thread used.
+    async fn stop(self) -> anyhow::Result<Duration> {
+        let _ = self.stop.send(());
+        let thread = self.thread;
+        tokio::task::spawn_blocking(move || thread.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("the mock's thread panicked"))
+    }
+}
+
+type EnqueueOutcome = (anyhow::Result<super::enqueue::EnqueueReport>, Duration, Duration);
+
+/// Enqueues the batch file from a thread of its own (a producer beside the workers): its
+/// report, how long it took and the CPU its thread used.
+fn side_enqueue(
+    url: SecretString,
+    amqp_url: SecretString,
+    input: std::path::PathBuf,
+    batch_id: String,
+    max_message_bytes: usize,
+) -> anyhow::Result<std::thread::JoinHandle<EnqueueOutcome>> {
+    Ok(std::thread::Builder::new()
+        .name("bench-enqueue".into())
+        .spawn(move || {
+            let t = Instant::now();
+            let report = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| {
+                    rt.block_on(async {
+                        let pool = crate::store::connect(&url, 4, false).await?;
+                        let opts = super::enqueue::EnqueueOptions {
+                            max_message_bytes,
+                            ..super::enqueue::EnqueueOptions::batch(&batch_id)
+                        };
+                        let r = super::enqueue::enqueue_file(&pool, &amqp_url, &input, &opts).await;
+                        pool.close().await;
+                        r
+                    })
+                });
+            (report, t.elapsed(), thread_cpu())
+        })?)
+}
+
+/// CPU time the calling thread has used, from the kernel's scheduler statistics.
+fn thread_cpu() -> Duration {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
+        .map(Duration::from_nanos)
+        .unwrap_or_default()
+}
+
+/// CPU time the whole process has used (user and system, ended threads included).
+fn process_cpu() -> Duration {
+    // utime and stime are the 14th and 15th fields, in clock ticks (USER_HZ, 100 on Linux).
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(") ")?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .map(|ticks| Duration::from_millis(ticks * 10))
+        .unwrap_or_default()
+}
+
+/// For each call the mock answered: the time sheepdog held it (`spans`, by request id) less
+/// the time the mock itself held it.
+fn added_latencies(calls: &[CallRecord], spans: &[(String, f64)]) -> Vec<f64> {
+    let own: std::collections::HashMap<&str, u64> =
+        calls.iter().map(|c| (c.request_id.as_str(), c.latency_ms)).collect();
+    let mut added: Vec<f64> = spans
+        .iter()
+        .filter_map(|(id, span)| own.get(id.as_str()).map(|l| (span - *l as f64).max(0.0)))
+        .collect();
+    added.sort_by(f64::total_cmp);
+    added
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+/// How busy `slots` slots were with calls at the mock, from the first arrival to the last
+/// answer; and the time a perfect scheduler needs for the same durations on the same slots
+/// (each call, in order, on the slot free first), over that span.
+fn occupancy(calls: &[CallRecord], slots: usize) -> (f64, f64) {
+    if calls.is_empty() {
+        return (0.0, 0.0);
+    }
+    let first = calls.iter().map(|c| c.arrived_ms).fold(f64::INFINITY, f64::min);
+    let last = calls
+        .iter()
+        .map(|c| c.arrived_ms + c.latency_ms as f64)
+        .fold(0.0, f64::max);
+    let span = (last - first).max(1.0);
+    let busy: f64 = calls.iter().map(|c| c.latency_ms as f64).sum();
+    let mut free: std::collections::BinaryHeap<std::cmp::Reverse<u64>> =
+        (0..slots).map(|_| std::cmp::Reverse(0)).collect();
+    let mut makespan = 0u64;
+    let mut ordered: Vec<&CallRecord> = calls.iter().collect();
+    ordered.sort_by(|a, b| a.arrived_ms.total_cmp(&b.arrived_ms));
+    for c in ordered {
+        let std::cmp::Reverse(t) = free.pop().unwrap_or(std::cmp::Reverse(0));
+        let end = t + c.latency_ms;
+        makespan = makespan.max(end);
+        free.push(std::cmp::Reverse(end));
+    }
+    (busy / (slots as f64 * span), makespan as f64 / span)
+}
+
+/// `DATABASE_URL` with `_bench` added to the database name (and `application_name` set, if given).
+fn bench_database(url: &SecretString, application_name: Option<&str>) -> anyhow::Result<SecretString> {
     let mut u = url::Url::parse(url.expose_secret()).map_err(|_| anyhow::anyhow!("DATABASE_URL is not a URL"))?;
     let name = u.path().trim_start_matches('/').to_string();
     let name = if name.is_empty() { "sheepdog".to_string() } else { name };
     u.set_path(&format!("/{name}_bench"));
+    if let Some(app) = application_name {
+        let kept: Vec<(String, String)> = u
+            .query_pairs()
+            .filter(|(k, _)| k != "application_name")
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        u.query_pairs_mut()
+            .clear()
+            .extend_pairs(kept)
+            .append_pair("application_name", app);
+    }
     Ok(SecretString::from(u.to_string()))
 }
 

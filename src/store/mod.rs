@@ -187,8 +187,22 @@ pub fn connect_options(url: &SecretString) -> anyhow::Result<PgConnectOptions> {
         // Short statements only: JIT compiling one costs more than running it (300 ms of
         // compilation for a 30 ms read was measured on `limit_usage`).
         .options([("jit", "off")])
+        // Named in `pg_stat_activity`, unless the URL names it.
+        .application_name(&application_name(url))
         .log_statements(tracing::log::LevelFilter::Trace)
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(5)))
+}
+
+/// `application_name` from the URL's query, or `sheepdog`.
+fn application_name(url: &SecretString) -> String {
+    url::Url::parse(url.expose_secret())
+        .ok()
+        .and_then(|u| {
+            u.query_pairs()
+                .find(|(k, _)| k == "application_name")
+                .map(|(_, v)| v.into_owned())
+        })
+        .unwrap_or_else(|| "sheepdog".into())
 }
 
 async fn create_database(opts: &PgConnectOptions, shown: &str) -> anyhow::Result<()> {

@@ -351,3 +351,49 @@ pub async fn spend_and_counts(pool: &PgPool, batch_id: &str) -> Result<(Decimal,
     .one(pool)
     .await?)
 }
+
+/// What the database has done since its statistics were reset: commits, rows written, and the
+/// WAL the whole server has written.
+#[derive(Debug, Clone, Copy, Default, sqlx::FromRow)]
+pub struct DbWork {
+    pub commits: i64,
+    pub inserted: i64,
+    pub updated: i64,
+    pub deleted: i64,
+    pub wal_bytes: i64,
+}
+
+pub async fn db_work(pool: &PgPool) -> Result<DbWork, super::StoreError> {
+    Ok(query_as(
+        "SELECT xact_commit AS commits, tup_inserted AS inserted, tup_updated AS updated,
+                tup_deleted AS deleted, (pg_current_wal_lsn() - '0/0')::bigint AS wal_bytes
+           FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .one(pool)
+    .await?)
+}
+
+/// Client connections to this database whose `application_name` is not `except`.
+pub async fn connections_except(pool: &PgPool, except: &str) -> Result<i64, super::StoreError> {
+    Ok(query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE datname = current_database() AND backend_type = 'client backend'
+            AND application_name IS DISTINCT FROM $1",
+    )
+    .bind(except)
+    .one(pool)
+    .await?)
+}
+
+/// Each call of a batch that reached the upstream: its request id, and the milliseconds from
+/// the transaction that granted it to the one that settled it.
+pub async fn call_spans(pool: &PgPool, batch_id: &str) -> Result<Vec<(String, f64)>, super::StoreError> {
+    Ok(query_as(
+        "SELECT upstream_request_id, (extract(epoch FROM finished_at - started_at) * 1000)::float8
+           FROM sheepdog.calls
+          WHERE batch_id = $1 AND upstream_request_id IS NOT NULL AND finished_at IS NOT NULL",
+    )
+    .bind(batch_id)
+    .all(pool)
+    .await?)
+}

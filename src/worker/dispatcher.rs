@@ -36,6 +36,33 @@ const MAX_SETTLE: usize = 512;
 /// replica's takeover then charges the call at its reservation).
 const HOLD: Duration = Duration::from_secs(3600);
 
+/// How long this replica's rounds took, from the statement's start to its answer (the wait for
+/// the dispatch lock included), and what they carried.
+pub struct RoundStats {
+    /// Round durations in microseconds.
+    pub took_us: hdrhistogram::Histogram<u64>,
+    pub granted: u64,
+    pub settled: u64,
+}
+
+impl Default for RoundStats {
+    fn default() -> Self {
+        RoundStats {
+            took_us: hdrhistogram::Histogram::new_with_bounds(1, 600_000_000, 2).expect("valid bounds"),
+            granted: 0,
+            settled: 0,
+        }
+    }
+}
+
+impl RoundStats {
+    fn record(&mut self, took: Duration, granted: usize, settled: usize) {
+        self.took_us.saturating_record(took.as_micros().max(1) as u64);
+        self.granted += granted as u64;
+        self.settled += settled as u64;
+    }
+}
+
 /// Runs rounds until `stop` (granting ends at `stop_granting`; settling goes on until `stop`).
 pub async fn run(w: Arc<Worker>, stop_granting: CancellationToken, stop: CancellationToken, calls: TaskTracker) {
     let mut failures = 0u32;
@@ -92,6 +119,10 @@ pub async fn run(w: Arc<Worker>, stop_granting: CancellationToken, stop: Cancell
         .await;
         let wait = match round {
             Ok(d) => {
+                w.rounds
+                    .lock()
+                    .unwrap()
+                    .record(started.elapsed(), d.jobs.len(), held.len());
                 failures = 0;
                 w.database_ok();
                 // Settled: their slots are free for the grants.

@@ -61,6 +61,8 @@ pub struct Worker {
     returned: std::sync::Mutex<Vec<Returned>>,
     /// Calls that came back and are not settled yet (queued, or in a round under way).
     unsettled: std::sync::atomic::AtomicUsize,
+    /// How long its dispatch rounds took and what they carried.
+    pub rounds: std::sync::Mutex<dispatcher::RoundStats>,
     /// Fault injection for the crash tests (`SHEEPDOG_FAULT=exit-after-admit`: the process
     /// exits right after its first admission commits, before the ack).
     fault: Option<String>,
@@ -107,6 +109,7 @@ impl Worker {
             admits,
             returned: Default::default(),
             unsettled: Default::default(),
+            rounds: Default::default(),
             fault,
         })
     }
@@ -127,7 +130,8 @@ impl Worker {
 
     /// A statement failed: say so once, and let `/readyz` say so until the database answers.
     pub fn database_failed(&self, e: &StoreError) {
-        if e.is_unavailable() && self.metrics.health.set_db(false) {
+        let StoreError::Unavailable(why) = e else { return };
+        if self.metrics.health.db_failed(why) {
             tracing::error!(error = %e, "database unreachable: holding results and taking no jobs until it answers");
         }
     }
