@@ -15,6 +15,10 @@ pub struct Health {
     db_reason: Mutex<Option<String>>,
     /// Statements that failed because the database did not answer, since start.
     db_failures: AtomicU64,
+    /// Why this replica holds no life line (the session whose lock proves it alive), while it
+    /// holds none; `None` once it does. Without one it grants no call: its calls could be taken
+    /// over as a dead replica's.
+    lifeline: Mutex<Option<String>>,
     /// This replica's id in `sheepdog.replicas` (0 before it registers).
     replica: AtomicI64,
     /// Why calls of every model are held, as the last dispatch found.
@@ -53,6 +57,20 @@ impl Health {
         self.db_failures.load(Ordering::Relaxed)
     }
 
+    /// Records whether this replica holds its life line (`Err`: why not); returns whether it
+    /// did before.
+    pub fn set_lifeline(&self, state: Result<(), String>) -> bool {
+        let mut l = self.lifeline.lock().unwrap();
+        let had = l.is_none();
+        *l = state.err();
+        had
+    }
+
+    /// Whether this replica holds its life line.
+    pub fn lifeline(&self) -> bool {
+        self.lifeline.lock().unwrap().is_none()
+    }
+
     pub fn db(&self) -> bool {
         self.db.load(Ordering::Relaxed)
     }
@@ -88,6 +106,9 @@ impl Health {
                 Some(why) => format!("database unreachable: {why}"),
                 None => "database unreachable".into(),
             });
+        }
+        if let Some(why) = self.lifeline.lock().unwrap().as_deref() {
+            return Some(format!("no life line to the database: {why}"));
         }
         self.held().filter(|b| b.kind != BlockKind::Rate).map(|b| b.reason)
     }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use common::{job_line, small_lines, wait_for, TestEnv, WorkerProcess};
 use rust_decimal::Decimal;
+use secrecy::ExposeSecret;
 use serde_json::Value;
 use sheepdog::commands::report::{render, Format};
 use sheepdog::upstream::mock::{MockConfig, MockMode};
@@ -303,4 +304,121 @@ async fn the_churn_tables_do_not_keep_their_dead_rows() {
     })
     .await;
     eprintln!("after 6,000 jobs (dead rows, vacuums): {dead:?}");
+}
+
+/// Postgres refuses the worker's connections (here its role's `CONNECTION LIMIT`, as a full
+/// `max_connections` would): at start the worker exits saying why; running, it says why in its
+/// log and in `/readyz`, calls nothing while it holds no life line, and carries on by itself
+/// once the database takes it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_postgres_refuses_says_why_in_its_log_and_readyz_and_recovers_by_itself() {
+    let env = TestEnv::new(MockConfig::default()).await;
+    let role = format!("{}_lim", env.name);
+    for sql in [
+        format!("CREATE ROLE {role} LOGIN CONNECTION LIMIT 0"),
+        format!("GRANT ALL ON SCHEMA sheepdog TO {role}"),
+        format!("GRANT ALL ON ALL TABLES IN SCHEMA sheepdog TO {role}"),
+        format!("GRANT ALL ON ALL SEQUENCES IN SCHEMA sheepdog TO {role}"),
+        format!("GRANT ALL ON ALL FUNCTIONS IN SCHEMA sheepdog TO {role}"),
+    ] {
+        sqlx::query(&sql).execute(&env.pool).await.unwrap();
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let log_path = std::env::temp_dir().join(format!("{role}.log"));
+    let worker = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_sheepdog"))
+            .arg("worker")
+            .env("DATABASE_URL", format!("postgres://{role}@127.0.0.1:5432/{}", env.name))
+            .env("AMQP_URL", env.amqp_url.expose_secret())
+            .env("HOLYSHEEP_BASE_URL", env.mock.base_url())
+            .env("SHEEPDOG_METRICS_ADDR", format!("127.0.0.1:{port}"))
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+
+    // Refused at start: it exits, and says why.
+    let status = tokio::time::timeout(Duration::from_secs(60), worker().wait())
+        .await
+        .expect("a worker Postgres refuses exits")
+        .unwrap();
+    assert!(!status.success());
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.contains("too many connections for role"),
+        "the log does not say why:\n{log}"
+    );
+
+    // Refused while running: Postgres cuts its connections and takes no new one.
+    sqlx::query(&format!("ALTER ROLE {role} CONNECTION LIMIT -1"))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let mut running = worker();
+    let readyz = format!("http://127.0.0.1:{port}/readyz");
+    let ready = |want: u16, says: &'static str| {
+        let u = readyz.clone();
+        async move {
+            let r = reqwest::get(&u).await.ok()?;
+            let code = r.status().as_u16();
+            let body = r.text().await.ok()?;
+            (code == want && body.contains(says)).then_some(body)
+        }
+    };
+    wait_for(Duration::from_secs(30), "the worker to be ready", || ready(200, "")).await;
+    sqlx::query(&format!("ALTER ROLE {role} CONNECTION LIMIT 0"))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    sqlx::query(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"
+    ))
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let body = wait_for(Duration::from_secs(30), "/readyz to say Postgres refuses", || {
+        ready(503, "too many connections for role")
+    })
+    .await;
+    assert!(body.contains("database"), "{body}");
+    env.enqueue_lines("refused", &small_lines(20, "refused")).await;
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.contains("too many connections for role"),
+        "the log does not say why:\n{log}"
+    );
+
+    // The operator lets it in again; nobody restarts the worker.
+    assert_eq!(
+        env.mock.state.call_count(),
+        0,
+        "a replica without its life line called the upstream"
+    );
+    sqlx::query(&format!("ALTER ROLE {role} CONNECTION LIMIT -1"))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    wait_for(Duration::from_secs(30), "/readyz to turn ready", || ready(200, "")).await;
+    let status = env.wait_batch("refused", Duration::from_secs(60)).await;
+    assert_eq!(status.succeeded, 20, "{status:?}");
+    assert_eq!(env.mock.state.call_count(), 20, "each job called once");
+
+    running.start_kill().unwrap();
+    let _ = running.wait().await;
+    let _ = std::fs::remove_file(&log_path);
+    sqlx::query(&format!("DROP OWNED BY {role}"))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    sqlx::query(&format!("DROP ROLE {role}"))
+        .execute(&env.pool)
+        .await
+        .unwrap();
 }

@@ -195,6 +195,28 @@ pub async fn build_worker(
     name: String,
 ) -> anyhow::Result<Arc<Worker>> {
     let pool = crate::store::connect(&db.database_url, crate::store::REPLICA_POOL, db.transaction_pooler()).await?;
+    let session = crate::store::connect_options(db.session_url()?)?;
+    match start_replica(pool, session, amqp_url, upstream, args, limits, name).await {
+        Err(e) if format!("{e:#}").contains("pool timed out") => {
+            let opts = crate::store::connect_options(&db.database_url)?;
+            match crate::store::why_no_connection(&opts).await {
+                Some(why) => Err(e.context(format!("Postgres refuses a new connection: {why}"))),
+                None => Err(e),
+            }
+        }
+        r => r,
+    }
+}
+
+async fn start_replica(
+    pool: sqlx::PgPool,
+    session: sqlx::postgres::PgConnectOptions,
+    amqp_url: &SecretString,
+    upstream: &UpstreamArgs,
+    args: &WorkerArgs,
+    limits: &LimitArgs,
+    name: String,
+) -> anyhow::Result<Arc<Worker>> {
     crate::store::require_schema(&pool).await?;
     let changes = limits.changes()?;
     if !changes.is_empty() {
@@ -211,7 +233,7 @@ pub async fn build_worker(
     Ok(Worker::new(
         pool,
         // The life line needs a session of its own.
-        crate::store::connect_options(db.session_url()?)?,
+        session,
         client,
         prices,
         args.clone(),

@@ -144,6 +144,32 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+/// What Postgres says to a new connection, when a pool could only say that it timed out waiting
+/// for one (it keeps the reason to itself): too many clients, a role's connection limit, a
+/// password. `None` when a new connection opens (the pool's connections are all busy).
+pub async fn why_no_connection(opts: &PgConnectOptions) -> Option<String> {
+    use sqlx::Connection;
+    match tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect_with(opts)).await {
+        Ok(Ok(c)) => {
+            let _ = c.close().await;
+            None
+        }
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(_) => Some("no answer within 5 s".into()),
+    }
+}
+
+/// A failure, with what Postgres says to a new connection where the pool timed out.
+pub async fn explain_unavailable(opts: &PgConnectOptions, e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Unavailable(msg) if msg.contains("pool timed out") => match why_no_connection(opts).await {
+            Some(why) => StoreError::Unavailable(format!("{msg}; a new connection gets: {why}")),
+            None => StoreError::Unavailable(format!("{msg}: its connections are all busy")),
+        },
+        other => other.clone(),
+    }
+}
+
 /// Connections a replica's pool holds at most, whatever its concurrency: its rounds of settle
 /// and dispatch (one at a time), admissions (two statements at a time), the outbox, the upkeep
 /// and the gauges. With its life line, a replica holds at most `REPLICA_POOL + 1` connections.
@@ -161,17 +187,26 @@ pub async fn connect(url: &SecretString, max_connections: u32, transaction_poole
             .max_connections(max_connections.max(1))
             .acquire_timeout(Duration::from_secs(30))
     };
-    match pool_opts().connect_with(opts.clone()).await {
-        Ok(pool) => Ok(pool),
+    // One connection first: a pool retries a refused connection until its timeout and then
+    // says only that it timed out, where this says what Postgres answered.
+    let first = match tokio::time::timeout(Duration::from_secs(30), sqlx::PgConnection::connect_with(&opts)).await {
+        Ok(r) => r,
+        Err(_) => Err(sqlx::Error::PoolTimedOut),
+    };
+    match first {
+        Ok(c) => {
+            use sqlx::Connection;
+            let _ = c.close().await;
+        }
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000") => {
             create_database(&opts, &shown).await?;
-            pool_opts()
-                .connect_with(opts)
-                .await
-                .map_err(|e| unreachable_db(&shown, &e, url))
         }
-        Err(e) => Err(unreachable_db(&shown, &e, url)),
+        Err(e) => return Err(unreachable_db(&shown, &e, url)),
     }
+    pool_opts()
+        .connect_with(opts)
+        .await
+        .map_err(|e| unreachable_db(&shown, &e, url))
 }
 
 /// The options a `DATABASE_URL` stands for, with statement logging kept at trace.
@@ -224,6 +259,10 @@ async fn create_database(opts: &PgConnectOptions, shown: &str) -> anyhow::Result
 }
 
 fn unreachable_db(shown: &str, e: &sqlx::Error, url: &SecretString) -> anyhow::Error {
+    if let sqlx::Error::Database(d) = e {
+        // It answered, and said no (too many clients, a role's limit, a password).
+        return anyhow::anyhow!("Postgres at {shown} refuses: {}", scrub(&d.to_string(), url));
+    }
     anyhow::anyhow!(
         "cannot reach Postgres at {shown}: {}. Is it running? `scripts/services` starts it \
          (or set DATABASE_URL).",

@@ -78,7 +78,8 @@ pub async fn run(w: Arc<Worker>, stop_granting: CancellationToken, stop: Cancell
         if held.len() < MAX_SETTLE {
             held.extend(w.take_returned(MAX_SETTLE - held.len()));
         }
-        let granting = !stop_granting.is_cancelled();
+        // No grant without the life line: a replica not proven alive may be taken for dead.
+        let granting = !stop_granting.is_cancelled() && w.metrics.health.lifeline();
         // Free slots: those of the returned calls (free once they are settled) and idle ones.
         let mut free: Vec<OwnedSemaphorePermit> = Vec::new();
         if granting {
@@ -162,7 +163,7 @@ pub async fn run(w: Arc<Worker>, stop_granting: CancellationToken, stop: Cancell
             Err(e) => {
                 drop(free);
                 maybe_lost |= e.is_unavailable();
-                w.database_failed(&e);
+                w.database_failed(&e).await;
                 if !e.is_unavailable() {
                     tracing::error!(error = %e, "dispatch failed");
                     if !held.is_empty() {

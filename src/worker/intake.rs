@@ -178,7 +178,7 @@ async fn take_delivery(w: Arc<Worker>, delivery: Delivery, publish_ch: Channel) 
         Ok(()) => Fate::Ack,
         Err(e) => {
             if let Some(db) = e.downcast_ref::<StoreError>() {
-                w.database_failed(db);
+                w.database_failed(db).await;
             }
             tracing::warn!(
                 error = format!("{e:#}"),

@@ -18,11 +18,30 @@ const VACUUM_EVERY: Duration = Duration::from_secs(5);
 
 pub async fn run(w: Arc<Worker>, stop: CancellationToken) {
     let mut line: Option<LifeLine> = None;
+    // Whether the log says why the life line is closed, since it last closed.
+    let mut said_why = false;
     loop {
         if line.is_none() {
             match LifeLine::open(&w.db_options, w.replica()).await {
-                Ok(l) => line = Some(l),
-                Err(e) => tracing::warn!(error = %e, "cannot open this replica's life line; retrying"),
+                Ok(l) => {
+                    line = Some(l);
+                    said_why = false;
+                    if !w.metrics.health.set_lifeline(Ok(())) {
+                        tracing::info!("life line open: granting calls");
+                    }
+                    w.wake_dispatcher();
+                }
+                Err(e) => {
+                    w.metrics.health.set_lifeline(Err(e.to_string()));
+                    if !std::mem::replace(&mut said_why, true) {
+                        tracing::error!(
+                            error = %e,
+                            "cannot open this replica's life line (the connection whose lock proves it alive); granting no call until it opens"
+                        );
+                    } else {
+                        tracing::debug!(error = %e, "life line still closed; retrying");
+                    }
+                }
             }
         }
         if let Some(l) = line.as_mut() {
@@ -35,6 +54,9 @@ pub async fn run(w: Arc<Worker>, stop: CancellationToken) {
                         replica = w.replica(),
                         "this replica was taken for dead and its jobs taken over; registering again"
                     );
+                    w.metrics
+                        .health
+                        .set_lifeline(Err("taken for dead; registering again".into()));
                     if let Some(l) = line.take() {
                         l.close().await;
                     }
@@ -46,7 +68,11 @@ pub async fn run(w: Arc<Worker>, stop: CancellationToken) {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "this replica's life line broke; reconnecting");
-                    line = None;
+                    w.metrics.health.set_lifeline(Err(e.to_string()));
+                    if let Some(l) = line.take() {
+                        l.close().await;
+                    }
+                    continue;
                 }
             }
         }

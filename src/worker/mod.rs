@@ -92,6 +92,8 @@ impl Worker {
         let metrics = Arc::new(Metrics::default());
         metrics.health.set_replica(replica);
         metrics.health.set_db(true);
+        // No call is granted before the life line holds this replica's lock.
+        metrics.health.set_lifeline(Err("not opened yet".into()));
         let breakers = Breakers::new(pool.clone(), args.breaker.settings());
         Arc::new(Worker {
             slots: Arc::new(Semaphore::new(args.concurrency.max(1) as usize)),
@@ -129,8 +131,17 @@ impl Worker {
     }
 
     /// A statement failed: say so once, and let `/readyz` say so until the database answers.
-    pub fn database_failed(&self, e: &StoreError) {
-        let StoreError::Unavailable(why) = e else { return };
+    /// Where the pool only timed out, a new connection is tried once to learn why.
+    pub async fn database_failed(&self, e: &StoreError) {
+        if !e.is_unavailable() {
+            return;
+        }
+        let e = if self.metrics.health.db() {
+            crate::store::explain_unavailable(&self.db_options, e).await
+        } else {
+            e.clone()
+        };
+        let StoreError::Unavailable(why) = &e else { return };
         if self.metrics.health.db_failed(why) {
             tracing::error!(error = %e, "database unreachable: holding results and taking no jobs until it answers");
         }
