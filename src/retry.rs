@@ -102,9 +102,9 @@ pub fn redelivery_pause() -> Duration {
 /// 8 s … up to 10 minutes, with equal jitter from `draw` (in [0, 1)), and never shorter than
 /// the upstream's `Retry-After`.
 pub fn job_retry(attempt: u32, draw: f64, retry_after: Option<Duration>) -> Duration {
-    let n = attempt.clamp(1, 30) as usize;
-    let delay = doubling(Duration::from_secs(2), JOB_RETRY_CAP)
-        .nth(n - 1)
+    // 2^attempt seconds: the schedule from 1 s, one step per call made.
+    let delay = doubling(Duration::from_secs(1), JOB_RETRY_CAP)
+        .nth(attempt.min(30) as usize)
         .unwrap_or(JOB_RETRY_CAP);
     equal_jitter_with(delay, draw).max(retry_after.unwrap_or_default())
 }
@@ -129,6 +129,7 @@ mod tests {
 
     #[test]
     fn the_job_schedule_doubles_from_two_seconds_and_caps_at_ten_minutes() {
+        assert_eq!(job_retry(0, 1.0, None), Duration::from_secs(1));
         assert_eq!(job_retry(1, 0.0, None), Duration::from_secs(1));
         assert_eq!(job_retry(1, 1.0, None), Duration::from_secs(2));
         assert_eq!(job_retry(2, 1.0, None), Duration::from_secs(4));
