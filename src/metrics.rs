@@ -122,23 +122,20 @@ impl Metrics {
     }
 
     /// `/metrics`: the typed families kept as calls come back, and the replica's state as it is
-    /// now (a collector), in prometheus-client's text encoding.
+    /// now (a collector), in prometheus-client's text encoding. (`register` ends each help text
+    /// with a full stop itself; a family without a sample yet is left out.)
     pub fn render(&self) -> String {
         let mut registry = Registry::default();
         registry.register(
             "sheepdog_upstream_calls",
-            "Upstream call attempts, by ledger outcome.",
+            "Upstream call attempts, by ledger outcome",
             self.calls.clone(),
         );
-        registry.register(
-            "sheepdog_tokens",
-            "Tokens used, by model and kind.",
-            self.tokens.clone(),
-        );
-        registry.register("sheepdog_cost_usd", "Spend in USD, by model.", self.cost_usd.clone());
+        registry.register("sheepdog_tokens", "Tokens used, by model and kind", self.tokens.clone());
+        registry.register("sheepdog_cost_usd", "Spend in USD, by model", self.cost_usd.clone());
         registry.register(
             "sheepdog_upstream_latency_seconds",
-            "Upstream call latency.",
+            "Upstream call latency",
             self.latency.clone(),
         );
         registry.register_collector(Box::new(self.snapshot()));
