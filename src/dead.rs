@@ -66,6 +66,31 @@ pub async fn list(amqp_url: &SecretString, batch: Option<&str>, limit: usize) ->
     Ok(out)
 }
 
+/// Removes the dead letters of `batch` (others stay, in their order); how many went.
+pub async fn discard(amqp_url: &SecretString, batch: &str) -> anyhow::Result<u64> {
+    let conn = amqp::connect(amqp_url, "sheepdog dead discard").await?;
+    let ch = conn.create_channel().await?;
+    let mut gone = 0u64;
+    let mut seen = 0usize;
+    while let Some(m) = ch
+        .basic_get(DEAD_QUEUE.into(), BasicGetOptions { no_ack: false })
+        .await?
+    {
+        seen += 1;
+        let d = m.delivery;
+        if identity(&d.data).is_some_and(|i| i.batch_id == batch) {
+            d.ack(BasicAckOptions::default()).await?;
+            gone += 1;
+        } else if seen > 100_000 {
+            break;
+        }
+        // Others stay unacked: back in the queue when the channel closes.
+    }
+    let _ = ch.close(200, "discarded".into()).await;
+    let _ = conn.close(200, "done".into()).await;
+    Ok(gone)
+}
+
 /// What `replay` did.
 #[derive(Debug, Default, Serialize)]
 pub struct Replayed {

@@ -15,6 +15,7 @@ pub mod plan;
 pub mod prices;
 pub mod publish;
 pub mod redact;
+pub mod retry;
 pub mod store;
 pub mod tokens;
 pub mod upstream;

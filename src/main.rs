@@ -26,7 +26,7 @@ struct Cli {
 async fn main() -> ExitCode {
     sheepdog::install_crypto_provider();
     let cli = Cli::parse();
-    commands::init_logging(cli.command.tells_its_own_story());
+    commands::init_logging(&cli.command);
     match commands::run(cli.command).await {
         Ok(code) => code,
         Err(e) => {

@@ -10,7 +10,6 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use lapin::Channel;
 use secrecy::SecretString;
 use serde_json::Value;
 use sqlx::PgPool;
@@ -92,38 +91,48 @@ pub struct Flushed {
     pub unconfirmed: Vec<u64>,
 }
 
-/// Publishes the lines of one batch: its connection, rebuilt when it breaks.
+/// Publishes the lines of one batch on pooled confirm channels (`amqp::Channels`): a channel
+/// that broke is replaced by the pool, reconnecting when the connection went.
 pub struct Publisher<'a> {
     pool: &'a PgPool,
-    amqp_url: &'a SecretString,
     batch_id: String,
-    /// The connection's name, as operators see it in RabbitMQ.
-    name: &'static str,
-    conn: Option<lapin::Connection>,
-    channel: Channel,
+    channels: amqp::Channels,
+    /// The channels are this publisher's own (closed with it), not a process's shared ones.
+    own: bool,
 }
 
 impl<'a> Publisher<'a> {
+    /// A publisher with channels of its own, on a connection named `name`; fails at once when
+    /// the broker cannot be reached.
     pub async fn connect(
         pool: &'a PgPool,
         amqp_url: &'a SecretString,
         batch_id: &str,
         name: &'static str,
     ) -> anyhow::Result<Publisher<'a>> {
-        let conn = amqp::connect(amqp_url, name).await?;
-        let channel = amqp::confirm_channel(&conn).await?;
+        let channels = amqp::Channels::new(amqp_url, name);
+        drop(channels.get().await?);
         Ok(Publisher {
             pool,
-            amqp_url,
             batch_id: batch_id.to_string(),
-            name,
-            conn: Some(conn),
-            channel,
+            channels,
+            own: true,
         })
     }
 
-    /// Registers a chunk's jobs, then publishes it with confirms, reconnecting and publishing
-    /// the unconfirmed lines again, up to four rounds. The chunk is emptied.
+    /// A publisher on a process's shared channels.
+    pub fn on(pool: &'a PgPool, channels: &amqp::Channels, batch_id: &str) -> Publisher<'a> {
+        Publisher {
+            pool,
+            batch_id: batch_id.to_string(),
+            channels: channels.clone(),
+            own: false,
+        }
+    }
+
+    /// Registers a chunk's jobs, then publishes it with confirms, publishing the unconfirmed
+    /// lines again on a fresh channel after the retry policy's reconnect delay, up to four
+    /// rounds. The chunk is emptied.
     pub async fn flush(&mut self, chunk: &mut Vec<Pending>) -> anyhow::Result<Flushed> {
         let mut out = Flushed::default();
         if chunk.is_empty() {
@@ -138,29 +147,22 @@ impl<'a> Publisher<'a> {
             .context("recording the batch in Postgres")?;
 
         let mut todo: Vec<&Pending> = chunk.iter().collect();
+        let mut delays = crate::retry::reconnect();
         for round in 0..4 {
             if round > 0 {
-                // The broker went away or refused some: reconnect and publish those again.
-                tokio::time::sleep(Duration::from_millis(500 * round)).await;
-                match amqp::connect(self.amqp_url, self.name).await {
-                    Ok(c) => match amqp::confirm_channel(&c).await {
-                        Ok(ch) => {
-                            self.channel = ch;
-                            self.conn = Some(c);
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot open a channel; retrying");
-                            continue;
-                        }
-                    },
-                    Err(e) => {
-                        tracing::warn!(error = %e, "broker unreachable; retrying");
-                        continue;
-                    }
-                }
+                // The broker went away or refused some: publish those again.
+                tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))).await;
             }
+            let channel = match self.channels.get().await {
+                Ok(ch) => ch,
+                Err(e) => {
+                    tracing::warn!(error = %e, "broker unreachable; retrying");
+                    continue;
+                }
+            };
             let payloads: Vec<&[u8]> = todo.iter().map(|p| p.job.payload.as_slice()).collect();
-            let results = amqp::publish_jobs(&self.channel, &payloads).await;
+            let results = amqp::publish_jobs(&channel, &payloads).await;
+            drop(channel);
             let mut failed: Vec<&Pending> = Vec::new();
             for (p, r) in todo.iter().zip(results) {
                 match r {
@@ -183,10 +185,10 @@ impl<'a> Publisher<'a> {
         Ok(out)
     }
 
-    /// Closes the connection.
+    /// Closes the connection, when it is this publisher's own.
     pub async fn close(self) {
-        if let Some(c) = self.conn {
-            let _ = c.close(200, "done".into()).await;
+        if self.own {
+            self.channels.close().await;
         }
     }
 }

@@ -11,6 +11,7 @@ use common::proxy::Proxy;
 use common::{mock_latency as mock, small_lines as lines};
 use common::{wait_for, TestEnv, WorkerProcess};
 use fantoccini::{Client, ClientBuilder, Locator};
+use hyper_util::client::legacy::connect::HttpConnector;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -96,8 +97,7 @@ impl Browser {
             let caps = caps.clone();
             let webdriver = webdriver.clone();
             async move {
-                ClientBuilder::rustls()
-                    .ok()?
+                ClientBuilder::new(HttpConnector::new())
                     .capabilities(caps)
                     .connect(&webdriver)
                     .await

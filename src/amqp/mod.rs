@@ -8,6 +8,9 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::redact::{redact_url, scrub};
 
+mod pool;
+pub use pool::{channels_setting, Channels, PooledChannel, CHANNELS_ENV, DEFAULT_CHANNELS};
+
 /// The queue producers publish to (default exchange, this routing key).
 pub const JOBS_QUEUE: &str = "sheepdog.jobs";
 /// Refused and exhausted jobs, with their reason in `x-sheepdog-error`.

@@ -79,13 +79,6 @@ pub enum Command {
     Healthcheck(healthcheck::HealthcheckArgs),
 }
 
-impl Command {
-    /// Commands that print their own story: per-job log lines would drown it.
-    pub fn tells_its_own_story(&self) -> bool {
-        matches!(self, Command::Demo(_) | Command::Bench(_))
-    }
-}
-
 /// Runs a command; its exit code.
 pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
@@ -122,12 +115,14 @@ pub struct MigrateArgs {
 }
 
 /// Logs to stderr: `RUST_LOG` filters, `SHEEPDOG_LOG_FORMAT=json` makes JSON lines.
-pub fn init_logging(quiet: bool) {
+pub fn init_logging(command: &Command) {
     use tracing_subscriber::EnvFilter;
-    let default = if quiet {
-        "warn,sqlx=error,lapin=error"
-    } else {
-        "info,sqlx=warn,lapin=warn"
+    let default = match command {
+        // The demo draws progress bars and tells what happens, its refused line included:
+        // only an error may interrupt it.
+        Command::Demo(_) => "error",
+        Command::Bench(_) => "warn,sqlx=error,lapin=error",
+        _ => "info,sqlx=warn,lapin=warn",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let json = std::env::var("SHEEPDOG_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));

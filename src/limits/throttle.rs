@@ -2,7 +2,8 @@
 //!
 //! A 429 pauses the scope for every replica: for its `Retry-After` the first time, then twice as
 //! long for each 429 round in a row (with jitter, up to a cap), never shorter than the upstream
-//! asked. When a pause ends, dispatch lets one call go first (the scope's "gate") and the rest
+//! asked: the retry policy's `too_many_requests` schedule, from which the statement picks by the
+//! round count the replicas share. When a pause ends, dispatch lets one call go first (the scope's "gate") and the rest
 //! follow only once it has come back without a 429. `x-ratelimit-remaining-*` at zero holds the
 //! scope until the matching `x-ratelimit-reset-*`, so replicas stop before the 429s start.
 
@@ -12,9 +13,6 @@ use std::time::Duration;
 use sqlx::PgPool;
 
 use crate::store::StoreError;
-
-/// The longest pause a run of 429s grows to (a `Retry-After` or reset hint may be longer).
-pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// What the upstream said about its limit in one answer.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -48,6 +46,10 @@ pub async fn too_many(
     let base = retry_after
         .unwrap_or(Duration::from_secs(1))
         .max(Duration::from_millis(50));
+    let schedule: Vec<f64> = crate::retry::too_many_requests(base)
+        .iter()
+        .map(Duration::as_secs_f64)
+        .collect();
     let secs: f64 = query_scalar(
         r#"
         UPDATE sheepdog.limit_scopes s SET
@@ -55,10 +57,9 @@ pub async fn too_many(
             pause_streak = CASE WHEN s.paused_until > now() THEN s.pause_streak ELSE s.pause_streak + 1 END,
             paused_until = greatest(
                 CASE WHEN s.paused_until > now() THEN s.paused_until
-                     ELSE now() + make_interval(secs => greatest($2,
-                              least($3, $2 * power(2, least(s.pause_streak, 20))) * (1 + random() / 4)))
+                     ELSE now() + make_interval(secs => $2[least(s.pause_streak, array_length($2, 1) - 1) + 1])
                 END,
-                now() + make_interval(secs => coalesce($4, 0))),
+                now() + make_interval(secs => coalesce($3, 0))),
             pause_reason = format('the upstream answered 429 (%s in a row); holding off', 
                                   CASE WHEN s.paused_until > now() THEN s.pause_streak ELSE s.pause_streak + 1 END),
             gate_owner = NULL, gate_until = NULL
@@ -67,8 +68,7 @@ pub async fn too_many(
         "#,
     )
     .bind(scope)
-    .bind(base.as_secs_f64())
-    .bind(MAX_BACKOFF.as_secs_f64())
+    .bind(&schedule)
     .bind(reset.map(|r| r.as_secs_f64()))
     .one(pool)
     .await?;

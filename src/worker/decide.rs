@@ -72,10 +72,10 @@ pub struct Decision {
     pub gate_passed: Option<String>,
 }
 
-/// Exponential backoff with equal jitter: about 2 s, 4 s, 8 s … up to 10 minutes.
+/// The wait before a job's next attempt: the retry policy's job schedule (`retry::job_retry`),
+/// about 2 s, 4 s, 8 s … up to 10 minutes, with equal jitter from `jitter`.
 pub fn backoff(attempt: u32, jitter: f64) -> Duration {
-    let base = 2f64.powi(attempt.min(10) as i32).min(600.0);
-    Duration::from_secs_f64(base / 2.0 + jitter.clamp(0.0, 1.0) * base / 2.0)
+    crate::retry::job_retry(attempt, jitter, None)
 }
 
 pub fn decide(a: &Attempt, ctx: &Context) -> Decision {
@@ -138,7 +138,7 @@ fn fate_of(a: &Attempt, ctx: &Context) -> JobFate {
                     dead_letter: Some(why),
                 }
             } else {
-                let delay = backoff(ctx.attempt, ctx.jitter).max(retry_after.unwrap_or_default());
+                let delay = crate::retry::job_retry(ctx.attempt, ctx.jitter, *retry_after);
                 JobFate::Retry {
                     after_ms: delay.as_millis() as i64,
                 }

@@ -65,7 +65,8 @@ impl RoundStats {
 
 /// Runs rounds until `stop` (granting ends at `stop_granting`; settling goes on until `stop`).
 pub async fn run(w: Arc<Worker>, stop_granting: CancellationToken, stop: CancellationToken, calls: TaskTracker) {
-    let mut failures = 0u32;
+    // Waits after a failed round: the retry policy's database schedule, reset by a round that went.
+    let mut failures = crate::retry::database();
     let mut idle = true;
     // A round that failed on a lost connection may have committed: its grants are then this
     // replica's in Postgres (calls pending) but in no task. Looked for once the database answers
@@ -124,7 +125,7 @@ pub async fn run(w: Arc<Worker>, stop_granting: CancellationToken, stop: Cancell
                     .lock()
                     .unwrap()
                     .record(started.elapsed(), d.jobs.len(), held.len());
-                failures = 0;
+                failures.reset();
                 w.database_ok();
                 // Settled: their slots are free for the grants.
                 let n = held.len();
@@ -175,8 +176,7 @@ pub async fn run(w: Arc<Worker>, stop_granting: CancellationToken, stop: Cancell
                     tracing::warn!(calls = held.len(), error = %e, "cannot record results yet; holding them");
                 }
                 give_up_on_old(&w, &mut held);
-                failures += 1;
-                Some(Duration::from_millis(200 * 2u64.pow(failures.min(4))))
+                Some(failures.next().unwrap_or(IDLE))
             }
         };
         if let Some(wait) = wait {

@@ -4,7 +4,8 @@
 //! after any error. Each delivery is validated and then settled exactly once, through its own
 //! acker: acked after its job is stored (or recorded failed and dead-lettered), or nacked back
 //! to the queue when the database or the broker failed under it. While the database is down,
-//! intake takes nothing. The same connection carries the outbox publisher.
+//! intake takes nothing. Dead letters go out on the worker's shared channels (`amqp::Channels`);
+//! the consumer's channel is its own.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +15,6 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::Channel;
-use rand::Rng;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -42,19 +42,18 @@ enum Fate {
 
 pub async fn run(w: Arc<Worker>, stop: CancellationToken) {
     let tracker = TaskTracker::new();
-    let mut backoff = Duration::from_millis(200);
+    let mut delays = crate::retry::reconnect();
     while !stop.is_cancelled() {
-        match session(&w, &stop, &tracker, &mut backoff).await {
+        match session(&w, &stop, &tracker, &mut delays).await {
             Ok(()) => break,
             Err(e) => {
                 w.metrics.health.set_amqp(false);
-                let wait = backoff.mul_f64(0.5 + rand::rng().random::<f64>() * 0.5);
+                let wait = delays.next().unwrap_or(Duration::from_secs(30));
                 tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "AMQP session ended; reconnecting");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = stop.cancelled() => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
     }
@@ -68,25 +67,16 @@ async fn session(
     w: &Arc<Worker>,
     stop: &CancellationToken,
     tracker: &TaskTracker,
-    backoff: &mut Duration,
+    delays: &mut crate::retry::Backoff,
 ) -> anyhow::Result<()> {
     let conn = amqp::connect(&w.amqp_url, &w.name).await?;
     let consume_ch = conn.create_channel().await?;
     consume_ch
         .basic_qos(prefetch(w.args.concurrency), BasicQosOptions::default())
         .await?;
-    let publish_ch = amqp::confirm_channel(&conn).await?;
-    let outbox_ch = amqp::confirm_channel(&conn).await?;
-    let gauge_ch = conn.create_channel().await?;
     w.metrics.health.set_amqp(true);
-    *backoff = Duration::from_millis(200);
-    let session_stop = stop.child_token();
-    let outbox = tokio::spawn(super::outbox::run(w.clone(), outbox_ch, session_stop.clone()));
-    let gauges = tokio::spawn(queue_gauges(w.clone(), gauge_ch, session_stop.clone()));
-    let result = consume(w, stop, tracker, &consume_ch, &publish_ch).await;
-    session_stop.cancel();
-    let _ = outbox.await;
-    gauges.abort();
+    delays.reset();
+    let result = consume(w, stop, tracker, &consume_ch).await;
     if result.is_ok() {
         tracker.close();
         let _ = tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await;
@@ -100,14 +90,15 @@ async fn consume(
     stop: &CancellationToken,
     tracker: &TaskTracker,
     consume_ch: &Channel,
-    publish_ch: &Channel,
 ) -> anyhow::Result<()> {
     loop {
         // With the database down there is nowhere to put a job: take none until it answers.
+        let mut delays = crate::retry::database();
         while !w.metrics.health.db() {
+            let wait = delays.next().unwrap_or(Duration::from_millis(500));
             tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                _ = tokio::time::sleep(wait) => {
                     if crate::store::ping(&w.pool).await.is_ok() {
                         w.database_ok();
                     }
@@ -135,8 +126,7 @@ async fn consume(
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
                         let w = w.clone();
-                        let ch = publish_ch.clone();
-                        tracker.spawn(async move { take_delivery(w, delivery, ch).await });
+                        tracker.spawn(async move { take_delivery(w, delivery).await });
                     }
                     Some(Err(e)) => return Err(e.into()),
                     None => anyhow::bail!("the broker cancelled the consumer"),
@@ -173,8 +163,8 @@ fn requeue() -> BasicNackOptions {
     }
 }
 
-async fn take_delivery(w: Arc<Worker>, delivery: Delivery, publish_ch: Channel) {
-    let fate = match take_in(&w, &delivery, &publish_ch).await {
+async fn take_delivery(w: Arc<Worker>, delivery: Delivery) {
+    let fate = match take_in(&w, &delivery).await {
         Ok(()) => Fate::Ack,
         Err(e) => {
             if let Some(db) = e.downcast_ref::<StoreError>() {
@@ -195,8 +185,7 @@ async fn settle_delivery(delivery: Delivery, fate: Fate) {
     let settled = match fate {
         Fate::Ack => delivery.ack(BasicAckOptions::default()).await,
         Fate::Requeue => {
-            let pause = Duration::from_millis(500 + rand::rng().random_range(0..1500));
-            tokio::time::sleep(pause).await;
+            tokio::time::sleep(crate::retry::redelivery_pause()).await;
             delivery.nack(requeue()).await
         }
     };
@@ -211,11 +200,11 @@ async fn settle_delivery(delivery: Delivery, fate: Fate) {
 }
 
 /// Validates one message and stores it: as a waiting job, or as a failure with a dead letter.
-async fn take_in(w: &Worker, delivery: &Delivery, publish_ch: &Channel) -> anyhow::Result<()> {
+async fn take_in(w: &Worker, delivery: &Delivery) -> anyhow::Result<()> {
     let job = match Job::parse(&delivery.data, w.args.message.max_message_bytes) {
         Ok(j) => j,
         Err(invalid) => {
-            amqp::dead_letter(publish_ch, delivery, &invalid.reason).await?;
+            amqp::dead_letter(&*w.channels.get().await?, delivery, &invalid.reason).await?;
             w.metrics
                 .jobs_dead_lettered
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -232,7 +221,7 @@ async fn take_in(w: &Worker, delivery: &Delivery, publish_ch: &Channel) -> anyho
             "model {:?} has no price in the price table; add it to SHEEPDOG_PRICES",
             job.model
         );
-        amqp::dead_letter(publish_ch, delivery, &reason).await?;
+        amqp::dead_letter(&*w.channels.get().await?, delivery, &reason).await?;
         w.metrics
             .jobs_dead_lettered
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -272,19 +261,4 @@ async fn take_in(w: &Worker, delivery: &Delivery, publish_ch: &Channel) -> anyho
         std::process::exit(137);
     }
     Ok(())
-}
-
-/// Keeps the queue-depth gauges current for `/metrics`.
-async fn queue_gauges(w: Arc<Worker>, ch: Channel, stop: CancellationToken) {
-    loop {
-        for q in [JOBS_QUEUE, amqp::DEAD_QUEUE] {
-            if let Ok(n) = amqp::queue_depth(&ch, q).await {
-                w.metrics.queue_depth.lock().unwrap().insert(q.to_string(), n);
-            }
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-        }
-    }
 }

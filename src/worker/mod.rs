@@ -45,6 +45,8 @@ pub struct Worker {
     pub prices: PriceTable,
     pub args: WorkerArgs,
     pub amqp_url: SecretString,
+    /// The AMQP channels this replica publishes and reads queue depths on (not the consumer's).
+    pub channels: crate::amqp::Channels,
     pub name: String,
     pub metrics: Arc<Metrics>,
     pub breakers: Breakers,
@@ -102,6 +104,7 @@ impl Worker {
             client,
             prices,
             args,
+            channels: crate::amqp::Channels::new(&amqp_url, &name),
             amqp_url,
             name,
             metrics,
@@ -167,6 +170,8 @@ impl Worker {
         let gauges = tokio::spawn(self.clone().follow(stop_background.clone()));
         let vacuum = tokio::spawn(liveness::vacuum(self.clone(), stop_background.clone()));
         let intake = tokio::spawn(intake::run(self.clone(), stop_intake.clone()));
+        let outbox = tokio::spawn(outbox::run(self.clone(), stop_background.clone()));
+        let queues = tokio::spawn(outbox::queue_gauges(self.clone(), stop_background.clone()));
         let dispatch = tokio::spawn(dispatcher::run(
             self.clone(),
             stop_granting.clone(),
@@ -212,7 +217,10 @@ impl Worker {
         }
         stop_background.cancel();
         let _ = live.await;
+        let _ = outbox.await;
         gauges.abort();
+        queues.abort();
+        self.channels.close().await;
         // Not aborted: a vacuum cut off mid-way would leave its lock on a pooled connection.
         let _ = vacuum.await;
         Ok(())

@@ -59,6 +59,8 @@ pub struct ApiState(Arc<Api>);
 pub struct Api {
     pool: PgPool,
     amqp_url: SecretString,
+    /// The AMQP channels every batch is published on.
+    channels: crate::amqp::Channels,
     prices: PriceTable,
     max_message_bytes: usize,
     file_ttl: Option<Duration>,
@@ -84,6 +86,7 @@ const PROCESSING: usize = 4;
 pub async fn serve(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let state = ApiState(Arc::new(Api {
         pool: super::pool(&s.database_url, 16, s.transaction_pooler)?,
+        channels: crate::amqp::Channels::new(&s.amqp_url, "sheepdog api"),
         amqp_url: s.amqp_url,
         prices: s.prices,
         max_message_bytes: s.max_message_bytes,

@@ -181,7 +181,7 @@ async fn run(api: &ApiState, id: &str) -> anyhow::Result<&'static str> {
     }
 
     // (2) Every line published with confirms, a chunk at a time.
-    let mut publisher = Publisher::connect(pool, &api.0.amqp_url, id, "sheepdog api").await?;
+    let mut publisher = Publisher::on(pool, &api.0.channels, id);
     let mut checker = Checker::new(&batch.endpoint, id, api.0.max_message_bytes, prices);
     let mut lines = Lines::new(api.0.max_message_bytes);
     let mut chunk: Vec<Pending> = Vec::with_capacity(PUBLISH_CHUNK);

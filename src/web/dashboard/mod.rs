@@ -40,8 +40,10 @@ pub struct Settings {
 pub(crate) struct App {
     pool: PgPool,
     amqp_url: SecretString,
-    /// The shared connection, and until when RabbitMQ is not asked again after a failure.
-    amqp: tokio::sync::Mutex<(Option<lapin::Connection>, Option<std::time::Instant>)>,
+    /// The pooled channels queue depths are read on.
+    channels: crate::amqp::Channels,
+    /// Until when RabbitMQ is not asked again after a failure.
+    amqp_down_until: tokio::sync::Mutex<Option<std::time::Instant>>,
     auth: auth::Auth,
 }
 
@@ -49,8 +51,9 @@ pub(crate) struct App {
 pub async fn serve(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let app = Arc::new(App {
         pool: super::pool(&s.database_url, 8, s.transaction_pooler)?,
+        channels: crate::amqp::Channels::new(&s.amqp_url, "sheepdog dashboard"),
         amqp_url: s.amqp_url,
-        amqp: tokio::sync::Mutex::new((None, None)),
+        amqp_down_until: tokio::sync::Mutex::new(None),
         auth: auth::Auth::new(s.token),
     });
     tracing::info!(actions = app.auth.enabled(), "dashboard starting");
@@ -119,30 +122,25 @@ impl App {
     /// second. After a failure RabbitMQ is not asked again for 10 s, so pages stay fast.
     async fn queue_depths(&self, queues: &[&str]) -> Vec<Option<u32>> {
         let none = vec![None; queues.len()];
-        let mut guard = self.amqp.lock().await;
-        if guard.1.is_some_and(|until| std::time::Instant::now() < until) {
+        let mut down_until = self.amqp_down_until.lock().await;
+        if down_until.is_some_and(|until| std::time::Instant::now() < until) {
             return none;
         }
         let attempt = async {
-            if guard.0.as_ref().is_none_or(|c| !c.status().connected()) {
-                guard.0 = Some(crate::amqp::connect(&self.amqp_url, "sheepdog dashboard").await.ok()?);
-            }
-            let ch = guard.0.as_ref()?.create_channel().await.ok()?;
+            let ch = self.channels.get().await.ok()?;
             let mut out = Vec::with_capacity(queues.len());
             for q in queues {
                 out.push(Some(crate::amqp::queue_depth(&ch, q).await.ok()?));
             }
-            let _ = ch.close(200, "".into()).await;
             Some(out)
         };
         match tokio::time::timeout(Duration::from_secs(1), attempt).await {
             Ok(Some(depths)) => {
-                guard.1 = None;
+                *down_until = None;
                 depths
             }
             _ => {
-                guard.0 = None;
-                guard.1 = Some(std::time::Instant::now() + Duration::from_secs(10));
+                *down_until = Some(std::time::Instant::now() + Duration::from_secs(10));
                 none
             }
         }

@@ -1,0 +1,105 @@
+//! `/metrics` as Prometheus and the dashboards read it: a `sheepdog worker` process is scraped
+//! and its body parsed by the `prometheus_client` Python package's OpenMetrics parser
+//! (tests/metrics/scrape.py, from the venv `scripts/services` makes), which checks every family's
+//! type, HELP and labels, the latency buckets, and every metric the Grafana dashboard and the
+//! KEDA trigger query.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::{job_line, TestEnv, WorkerProcess};
+use sheepdog::upstream::mock::MockConfig;
+
+fn python() -> PathBuf {
+    let py = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    assert!(
+        py.exists(),
+        "{} is missing: run scripts/services, which makes the venv and installs the pinned `prometheus-client` package from PyPI",
+        py.display()
+    );
+    py
+}
+
+/// Runs the checker on a scraped body: Ok(its JSON line), or Err(what it found wrong).
+async fn check(body: &str) -> Result<serde_json::Value, String> {
+    let path = std::env::temp_dir().join(format!("sheepdog-metrics-{}.txt", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&path, body).unwrap();
+    let out = tokio::process::Command::new(python())
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/metrics/scrape.py"))
+        .arg(&path)
+        .output()
+        .await
+        .expect("python runs");
+    let _ = std::fs::remove_file(&path);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    if out.status.success() {
+        Ok(serde_json::from_str(stdout.trim()).expect("one JSON line"))
+    } else {
+        Err(format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_process_serves_metrics_that_prometheus_and_the_dashboards_can_read() {
+    let env = TestEnv::new(MockConfig::default()).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    // A budget, so the budget's gauges have a sample to show.
+    let _worker = WorkerProcess::start(
+        &env,
+        &[
+            ("SHEEPDOG_METRICS_ADDR", addr.clone()),
+            ("SHEEPDOG_BUDGET_USD", "100".into()),
+        ],
+    );
+    let lines: Vec<_> = (0..20)
+        .map(|i| job_line(&format!("s-{i}"), "gpt-4o", &format!("q{i}")))
+        .collect();
+    env.enqueue_lines("scrape", &lines).await;
+    env.wait_batch("scrape", Duration::from_secs(60)).await;
+
+    let url = format!("http://{addr}/metrics");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (content_type, families) = loop {
+        let last = match reqwest::get(&url).await {
+            Ok(r) => {
+                let ct = r.headers()[reqwest::header::CONTENT_TYPE].to_str().unwrap().to_string();
+                let body = r.text().await.unwrap();
+                match check(&body).await {
+                    Ok(f) => break (ct, f),
+                    Err(why) => why,
+                }
+            }
+            Err(e) => e.to_string(),
+        };
+        // The gauges fill within seconds of the start (queue depths, breakers, limits).
+        assert!(Instant::now() < deadline, "/metrics never passed the checks:\n{last}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(
+        content_type.starts_with("application/openmetrics-text; version=1.0.0"),
+        "{content_type}"
+    );
+    // The sample names stay those the dashboards and alerts were written against.
+    for (family, sample) in [
+        ("sheepdog_jobs", "sheepdog_jobs_total"),
+        ("sheepdog_upstream_calls", "sheepdog_upstream_calls_total"),
+        ("sheepdog_tokens", "sheepdog_tokens_total"),
+        ("sheepdog_cost_usd", "sheepdog_cost_usd_total"),
+        (
+            "sheepdog_upstream_latency_seconds",
+            "sheepdog_upstream_latency_seconds_bucket",
+        ),
+        ("sheepdog_jobs_in_flight", "sheepdog_jobs_in_flight"),
+        ("sheepdog_queue_depth", "sheepdog_queue_depth"),
+    ] {
+        let samples = families[family]["samples"].as_array().unwrap();
+        assert!(samples.iter().any(|s| s == sample), "{family}: {samples:?}");
+    }
+}
