@@ -101,14 +101,16 @@ impl Health {
     /// every model is held by the account's breaker, the budget or the upstream's pause. A rate
     /// limit that refills within a second is not a pause.
     pub fn paused(&self) -> Option<String> {
+        // The life line's reason first: it is what Postgres said to a new connection, where a
+        // pooled statement may only have timed out waiting for one.
+        if let Some(why) = self.lifeline.lock().unwrap().as_deref() {
+            return Some(format!("no life line to the database: {why}"));
+        }
         if !self.db() {
             return Some(match self.db_reason.lock().unwrap().as_deref() {
                 Some(why) => format!("database unreachable: {why}"),
                 None => "database unreachable".into(),
             });
-        }
-        if let Some(why) = self.lifeline.lock().unwrap().as_deref() {
-            return Some(format!("no life line to the database: {why}"));
         }
         self.held().filter(|b| b.kind != BlockKind::Rate).map(|b| b.reason)
     }

@@ -134,16 +134,13 @@ impl Worker {
     }
 
     /// A statement failed: say so once, and let `/readyz` say so until the database answers.
-    /// Where the pool only timed out, a new connection is tried once to learn why.
+    /// Where the pool only timed out (after waiting its acquire timeout), a new connection is
+    /// tried to learn why.
     pub async fn database_failed(&self, e: &StoreError) {
         if !e.is_unavailable() {
             return;
         }
-        let e = if self.metrics.health.db() {
-            crate::store::explain_unavailable(&self.db_options, e).await
-        } else {
-            e.clone()
-        };
+        let e = crate::store::explain_unavailable(&self.db_options, e).await;
         let StoreError::Unavailable(why) = &e else { return };
         if self.metrics.health.db_failed(why) {
             tracing::error!(error = %e, "database unreachable: holding results and taking no jobs until it answers");
