@@ -117,11 +117,13 @@ impl Health {
 
     /// `/readyz`: ready while connected and some model can be served.
     pub fn ready(&self) -> Result<(), String> {
-        if !self.amqp() {
-            return Err("not connected to RabbitMQ".into());
-        }
+        // The database's state first: while it refuses, intake's broker session may come and
+        // go too, and the database is the cause to name.
         if let Some(why) = self.paused() {
             return Err(format!("paused: {why}"));
+        }
+        if !self.amqp() {
+            return Err("not connected to RabbitMQ".into());
         }
         Ok(())
     }

@@ -372,7 +372,7 @@ async fn a_worker_postgres_refuses_says_why_in_its_log_and_readyz_and_recovers_b
             (code == want && body.contains(says)).then_some(body)
         }
     };
-    wait_for(Duration::from_secs(30), "the worker to be ready", || ready(200, "")).await;
+    wait_for(Duration::from_secs(60), "the worker to be ready", || ready(200, "")).await;
     sqlx::query(&format!("ALTER ROLE {role} CONNECTION LIMIT 0"))
         .execute(&env.pool)
         .await
@@ -383,7 +383,7 @@ async fn a_worker_postgres_refuses_says_why_in_its_log_and_readyz_and_recovers_b
     .execute(&env.pool)
     .await
     .unwrap();
-    let body = wait_for(Duration::from_secs(30), "/readyz to say Postgres refuses", || {
+    let body = wait_for(Duration::from_secs(60), "/readyz to say Postgres refuses", || {
         ready(503, "too many connections for role")
     })
     .await;
@@ -405,7 +405,7 @@ async fn a_worker_postgres_refuses_says_why_in_its_log_and_readyz_and_recovers_b
         .execute(&env.pool)
         .await
         .unwrap();
-    wait_for(Duration::from_secs(30), "/readyz to turn ready", || ready(200, "")).await;
+    wait_for(Duration::from_secs(60), "/readyz to turn ready", || ready(200, "")).await;
     let status = env.wait_batch("refused", Duration::from_secs(60)).await;
     assert_eq!(status.succeeded, 20, "{status:?}");
     assert_eq!(env.mock.state.call_count(), 20, "each job called once");
