@@ -341,7 +341,7 @@ pub struct MockServer {
 impl MockServer {
     /// Binds `addr` (port 0 for a free one) and serves in the background.
     pub async fn start(addr: &str, config: MockConfig) -> anyhow::Result<MockServer> {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let listener = listen(addr).await?;
         let addr = listener.local_addr()?;
         let state = MockState::new(config);
         let app = router(state.clone());
@@ -356,6 +356,34 @@ impl MockServer {
         format!("http://{}/v1", self.addr)
     }
 }
+
+/// Binds with an accept queue as deep as the system allows, as production servers are set up
+/// (tokio's default is 1,024). A worker starting 2,000 calls at once opens 2,000 connections in
+/// the same millisecond; with a shallow queue the kernel drops the handshakes that overflow it,
+/// and each of those calls then waits a second for its SYN to be sent again: a delay of the
+/// stand-in, not of the worker or of a real upstream.
+async fn listen(addr: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a).and_then(|()| socket.listen(ACCEPT_QUEUE)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(match last {
+        Some(e) => anyhow::Error::from(e).context(format!("cannot listen on {addr}")),
+        None => anyhow::anyhow!("{addr} resolves to no address"),
+    })
+}
+
+/// Linux caps it at `net.core.somaxconn` (4,096 by default since 5.4).
+const ACCEPT_QUEUE: u32 = 4096;
 
 impl Drop for MockServer {
     fn drop(&mut self) {
