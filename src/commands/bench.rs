@@ -82,6 +82,10 @@ pub struct BenchResult {
     /// settled it, less the time the mock itself held that very call.
     pub added_p50_ms: f64,
     pub added_p99_ms: f64,
+    /// The p99 of the part before the call reached the mock (grant, connection, request).
+    pub added_to_arrival_p99_ms: f64,
+    /// The p99 of the part after the mock answered (response, settlement).
+    pub added_after_answer_p99_ms: f64,
     pub upstream_calls: usize,
     /// Of the replicas' slots, the share busy with a call at the mock, from the first call's
     /// arrival to the last one's answer (runs with a mock latency only).
@@ -352,8 +356,10 @@ pub async fn run(
         upstream_p50_ms: round(row.4),
         upstream_p99_ms: round(row.5),
         mock_own_p50_ms: own_p50,
-        added_p50_ms: round(percentile(&added, 0.50)),
-        added_p99_ms: round(percentile(&added, 0.99)),
+        added_p50_ms: round(percentile(&added.total, 0.50)),
+        added_p99_ms: round(percentile(&added.total, 0.99)),
+        added_to_arrival_p99_ms: round(percentile(&added.before, 0.99)),
+        added_after_answer_p99_ms: round(percentile(&added.after, 0.99)),
         upstream_calls: calls.len(),
         slots_busy: occupancy.map(|o| round(o.0)),
         vs_perfect_scheduler: occupancy.map(|o| round(o.1)),
@@ -498,15 +504,29 @@ fn process_cpu() -> Duration {
 
 /// For each call the mock answered: the time sheepdog held it (`spans`, by request id) less
 /// the time the mock itself held it.
-fn added_latencies(calls: &[CallRecord], spans: &[(String, f64)]) -> Vec<f64> {
-    let own: std::collections::HashMap<&str, u64> =
-        calls.iter().map(|c| (c.request_id.as_str(), c.latency_ms)).collect();
-    let mut added: Vec<f64> = spans
-        .iter()
-        .filter_map(|(id, span)| own.get(id.as_str()).map(|l| (span - *l as f64).max(0.0)))
-        .collect();
-    added.sort_by(f64::total_cmp);
-    added
+/// Also split in two: from the grant to the call's arrival at the mock, and from the mock's
+/// answer to the settlement. Each list is sorted.
+fn added_latencies(calls: &[CallRecord], spans: &[(String, f64, f64)]) -> Added {
+    let own: std::collections::HashMap<&str, &CallRecord> = calls.iter().map(|c| (c.request_id.as_str(), c)).collect();
+    let mut a = Added::default();
+    for (id, started, finished) in spans {
+        let Some(c) = own.get(id.as_str()) else { continue };
+        let answered = c.arrived_ms + c.latency_ms as f64;
+        a.total.push((finished - started - c.latency_ms as f64).max(0.0));
+        a.before.push((c.arrived_ms - started).max(0.0));
+        a.after.push((finished - answered).max(0.0));
+    }
+    for v in [&mut a.total, &mut a.before, &mut a.after] {
+        v.sort_by(f64::total_cmp);
+    }
+    a
+}
+
+#[derive(Default)]
+struct Added {
+    total: Vec<f64>,
+    before: Vec<f64>,
+    after: Vec<f64>,
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {

@@ -385,11 +385,12 @@ pub async fn connections_except(pool: &PgPool, except: &str) -> Result<i64, supe
     .await?)
 }
 
-/// Each call of a batch that reached the upstream: its request id, and the milliseconds from
-/// the transaction that granted it to the one that settled it.
-pub async fn call_spans(pool: &PgPool, batch_id: &str) -> Result<Vec<(String, f64)>, super::StoreError> {
+/// Each call of a batch that reached the upstream: its request id, and the times (milliseconds
+/// since the Unix epoch) of the transaction that granted it and of the one that settled it.
+pub async fn call_spans(pool: &PgPool, batch_id: &str) -> Result<Vec<(String, f64, f64)>, super::StoreError> {
     Ok(query_as(
-        "SELECT upstream_request_id, (extract(epoch FROM finished_at - started_at) * 1000)::float8
+        "SELECT upstream_request_id, (extract(epoch FROM started_at) * 1000)::float8,
+                (extract(epoch FROM finished_at) * 1000)::float8
            FROM sheepdog.calls
           WHERE batch_id = $1 AND upstream_request_id IS NOT NULL AND finished_at IS NOT NULL",
     )
