@@ -80,7 +80,7 @@ async fn session(
     if result.is_ok() {
         tracker.close();
         let _ = tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await;
-        let _ = conn.close(200, "shutdown".into()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "shutdown".into())).await;
     }
     result
 }
@@ -134,9 +134,11 @@ async fn consume(
             }
         };
         // Take nothing new; hand back what was prefetched but not yet taken in.
-        let _ = consume_ch
-            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-            .await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            consume_ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()),
+        )
+        .await;
         // Read the stream to its end (the cancel-ok): a delivery left unread would stay
         // unacked on this channel for good.
         let drained = tokio::time::timeout(Duration::from_secs(5), async {

@@ -181,11 +181,13 @@ impl Worker {
             in_flight = self.metrics.in_flight.load(std::sync::atomic::Ordering::Relaxed),
             "stopping: taking no new jobs; finishing the calls in flight"
         );
-        let _ = intake.await;
-        calls.close();
         let grace = Duration::from_secs_f64(self.args.grace_seconds.max(0.0));
-        let started = std::time::Instant::now();
-        if tokio::time::timeout(grace, calls.wait()).await.is_err() {
+        let started = tokio::time::Instant::now();
+        // Intake bounds its own hand-back (5 s to drain the consumer, 10 s for deliveries being
+        // stored, 5 s to close); the calls go on meanwhile.
+        stop_step("intake", intake, started + grace.max(INTAKE_STEP)).await;
+        calls.close();
+        if tokio::time::timeout_at(started + grace, calls.wait()).await.is_err() {
             tracing::warn!("grace period over; handing back the jobs still in flight");
         }
         // The dispatcher settles what came back (within what is left of the grace, and at least a
@@ -197,29 +199,43 @@ impl Worker {
             }
         })
         .await;
+        // All that follows shares one bound, whatever the broker or the database does.
+        let last = tokio::time::Instant::now() + LAST_STEPS;
         stop_dispatch.cancel();
-        let _ = dispatch.await;
+        // A dispatcher whose settlements the database will not take (it is down) would retry
+        // them for an hour; the stop does not wait for that. What it held is then this
+        // replica's in Postgres, handed back below or taken over, like a crash's.
+        stop_step("settling", dispatch, last).await;
         // What is still out: its calls become `unknown` (charged at their reservation) and its
         // jobs go back to the backlog, for another replica.
-        match crate::store::liveness::release_own(&self.pool, self.replica(), self.args.max_attempts).await {
-            Ok(t) if t.requeued + t.failed > 0 => {
+        let released = tokio::time::timeout_at(
+            last,
+            crate::store::liveness::release_own(&self.pool, self.replica(), self.args.max_attempts),
+        )
+        .await;
+        match released {
+            Ok(Ok(t)) if t.requeued + t.failed > 0 => {
                 tracing::warn!(
                     requeued = t.requeued,
                     unknown_calls = t.unknown_calls,
                     "handed back unfinished jobs"
                 )
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "could not hand back jobs; another replica takes them over"),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not hand back jobs; another replica takes them over"),
+            Err(_) => tracing::warn!("could not hand back jobs in time; another replica takes them over"),
         }
         stop_background.cancel();
-        let _ = live.await;
-        let _ = outbox.await;
+        stop_step("life line", live, last).await;
+        stop_step("outbox", outbox, last).await;
         gauges.abort();
         queues.abort();
-        self.channels.close().await;
-        // Not aborted: a vacuum cut off mid-way would leave its lock on a pooled connection.
-        let _ = vacuum.await;
+        if tokio::time::timeout_at(last, self.channels.close()).await.is_err() {
+            ran_over("publishing channels");
+        }
+        // Waited for rather than cut at once: a vacuum cut off mid-way would leave its lock on
+        // a pooled connection (this replica may be one of several in a process, as in tests).
+        stop_step("vacuum", vacuum, last).await;
         Ok(())
     }
 
@@ -306,4 +322,36 @@ impl Worker {
             .copied()
             .collect()
     }
+}
+
+/// The longest intake's hand-back may take when the grace is shorter.
+const INTAKE_STEP: Duration = Duration::from_secs(20);
+
+/// What a stop may take after the grace and the settling of the calls that came back: ending
+/// the dispatcher, handing back what is still out, the life line, the outbox, the publishing
+/// channels and a vacuum, all together. A worker thus exits within
+/// `SHEEPDOG_SHUTDOWN_GRACE_SECONDS` plus 5 s of settling plus these 8 s.
+const LAST_STEPS: Duration = Duration::from_secs(8);
+
+/// Waits for a task to end, until `deadline` at the latest; past that it is cut off, and the log
+/// says which step ran over.
+async fn stop_step(step: &str, mut task: tokio::task::JoinHandle<()>, deadline: tokio::time::Instant) {
+    let started = std::time::Instant::now();
+    if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+        task.abort();
+        ran_over(step);
+    } else if started.elapsed() > Duration::from_secs(2) {
+        tracing::info!(
+            step,
+            took_ms = started.elapsed().as_millis() as u64,
+            "stopping: a slow step"
+        );
+    }
+}
+
+fn ran_over(step: &str) {
+    tracing::warn!(
+        step,
+        "stopping: this step ran over the stop's time; going on without it"
+    );
 }
