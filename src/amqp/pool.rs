@@ -107,6 +107,11 @@ impl Channels {
 
     /// Closes the pooled channels' connection.
     pub async fn close(&self) {
+        // Each idle channel closed and answered first: a channel dropped as the connection
+        // closes is caught mid-close, which lapin logs as an error.
+        for ch in self.pool.retain(|_, _| false).removed {
+            let _ = ch.close(200, "done".into()).await;
+        }
         self.pool.close();
         let conn = self.pool.manager().conn.lock().await.take();
         if let Some(c) = conn {
