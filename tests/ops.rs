@@ -422,3 +422,30 @@ async fn a_worker_postgres_refuses_says_why_in_its_log_and_readyz_and_recovers_b
         .await
         .unwrap();
 }
+
+/// `sheepdog limits show | head -0`, `status | head`: a reader that quits early ends the command
+/// as it ends other Unix tools, by SIGPIPE and silently, never with a panic on stderr.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_piped_into_a_reader_that_quits_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let env = TestEnv::new(MockConfig::default()).await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sheepdog"))
+        .args(["limits", "show"])
+        .env("DATABASE_URL", env.db_url.expose_secret())
+        .env("AMQP_URL", env.amqp_url.expose_secret())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("sheepdog runs");
+    // The reader is gone before the first line is written.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().await.expect("it ends");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "no panic: {stderr}");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "ended by SIGPIPE: {:?} {stderr}",
+        out.status
+    );
+}

@@ -81,6 +81,18 @@ pub enum Command {
 
 /// Runs a command; its exit code.
 pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    if matches!(
+        command,
+        Command::Limits { .. }
+            | Command::Batch { .. }
+            | Command::Keys { .. }
+            | Command::Dead { .. }
+            | Command::Report(_)
+            | Command::Status(_)
+            | Command::Export(_)
+    ) {
+        end_quietly_on_a_closed_pipe();
+    }
     match command {
         Command::Migrate(a) => {
             // Migrations hold a session lock: over the session URL.
@@ -103,6 +115,18 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Bench(a) => bench::command(a).await,
         Command::MockUpstream(a) => mock::run(a).await,
         Command::Healthcheck(a) => healthcheck::run(a).await,
+    }
+}
+
+/// A command that prints for the reader, piped into `head` or `less` that quits early: ends as
+/// other Unix tools do (by SIGPIPE, silently) instead of failing on its next line of output. Rust
+/// ignores SIGPIPE by default; the long-running commands (worker, api, dashboard) keep that, so a
+/// socket closed under them is an error they handle, never their end.
+fn end_quietly_on_a_closed_pipe() {
+    // SAFETY: sets the disposition of one signal to its default before any thread of ours
+    // writes; no handler is installed.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 
