@@ -314,6 +314,11 @@ async fn the_churn_tables_do_not_keep_their_dead_rows() {
 async fn a_worker_postgres_refuses_says_why_in_its_log_and_readyz_and_recovers_by_itself() {
     let env = TestEnv::new(MockConfig::default()).await;
     let role = format!("{}_lim", env.name);
+    // Roles outlive the test's database: dropped however the test ends (dropped before `env`).
+    let _role = DropRole {
+        db_url: env.db_url.expose_secret().to_string(),
+        role: role.clone(),
+    };
     for sql in [
         format!("CREATE ROLE {role} LOGIN CONNECTION LIMIT 0"),
         format!("GRANT ALL ON SCHEMA sheepdog TO {role}"),
@@ -413,14 +418,22 @@ async fn a_worker_postgres_refuses_says_why_in_its_log_and_readyz_and_recovers_b
     running.start_kill().unwrap();
     let _ = running.wait().await;
     let _ = std::fs::remove_file(&log_path);
-    sqlx::query(&format!("DROP OWNED BY {role}"))
-        .execute(&env.pool)
-        .await
-        .unwrap();
-    sqlx::query(&format!("DROP ROLE {role}"))
-        .execute(&env.pool)
-        .await
-        .unwrap();
+}
+
+/// Drops a test's role (and what it was granted) when the test ends, passed or failed.
+struct DropRole {
+    db_url: String,
+    role: String,
+}
+
+impl Drop for DropRole {
+    fn drop(&mut self) {
+        let sql = format!("DROP OWNED BY {0}; DROP ROLE IF EXISTS {0}", self.role);
+        let _ = std::process::Command::new("psql")
+            .args(["-q", &self.db_url, "-c", &sql])
+            .stdout(std::process::Stdio::null())
+            .status();
+    }
 }
 
 /// `sheepdog limits show | head -0`, `status | head`: a reader that quits early ends the command
