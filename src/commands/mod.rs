@@ -218,14 +218,15 @@ pub async fn build_worker(
     let pool = crate::store::connect(&db.database_url, crate::store::REPLICA_POOL, db.transaction_pooler()).await?;
     let session = crate::store::connect_options(db.session_url()?)?;
     match start_replica(pool, session, amqp_url, upstream, args, limits, name).await {
-        Err(e) if format!("{e:#}").contains("pool timed out") => {
-            let opts = crate::store::connect_options(&db.database_url)?;
-            match crate::store::why_no_connection(&opts).await {
-                Some(why) => Err(e.context(format!("Postgres refuses a new connection: {why}"))),
-                None => Err(e),
+        // A pool that timed out is explained as a running replica's is: by a new connection.
+        Err(e) => match e.downcast::<crate::store::StoreError>() {
+            Ok(failed) => {
+                let opts = crate::store::connect_options(&db.database_url)?;
+                Err(crate::store::explain_unavailable(&opts, &failed).await.into())
             }
-        }
-        r => r,
+            Err(e) => Err(e),
+        },
+        ok => ok,
     }
 }
 

@@ -147,7 +147,7 @@ impl From<sqlx::Error> for StoreError {
 /// What Postgres says to a new connection, when a pool could only say that it timed out waiting
 /// for one (it keeps the reason to itself): too many clients, a role's connection limit, a
 /// password. `None` when a new connection opens (the pool's connections are all busy).
-pub async fn why_no_connection(opts: &PgConnectOptions) -> Option<String> {
+async fn why_no_connection(opts: &PgConnectOptions) -> Option<String> {
     use sqlx::Connection;
     match tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect_with(opts)).await {
         Ok(Ok(c)) => {
