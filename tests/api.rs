@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -70,22 +69,11 @@ impl Api {
     }
 }
 
-/// The venv's Python with the `openai` package (`scripts/services` makes it).
-fn python() -> PathBuf {
-    let py = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    assert!(
-        py.exists(),
-        "{} is missing: run scripts/services, which makes the venv and installs the pinned `openai` package from PyPI",
-        py.display()
-    );
-    py
-}
-
 /// Runs a scenario of tests/api/scenarios.py; its last line of stdout, as JSON.
 async fn scenario(name: &str, api: &Api, vars: &[(&str, String)], timeout: Duration) -> Value {
     let dir = std::env::temp_dir().join(format!("sheepdog-api-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut cmd = tokio::process::Command::new(python());
+    let mut cmd = tokio::process::Command::new(common::venv_python("openai"));
     cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/api/scenarios.py"))
         .arg(name)
         .env("SD_BASE", format!("{}/v1", api.base))

@@ -6,27 +6,16 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::{job_line, TestEnv, WorkerProcess};
 use sheepdog::upstream::mock::MockConfig;
 
-fn python() -> PathBuf {
-    let py = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    assert!(
-        py.exists(),
-        "{} is missing: run scripts/services, which makes the venv and installs the pinned `prometheus-client` package from PyPI",
-        py.display()
-    );
-    py
-}
-
 /// Runs the checker on a scraped body: Ok(its JSON line), or Err(what it found wrong).
 async fn check(body: &str) -> Result<serde_json::Value, String> {
     let path = std::env::temp_dir().join(format!("sheepdog-metrics-{}.txt", uuid::Uuid::new_v4().simple()));
     std::fs::write(&path, body).unwrap();
-    let out = tokio::process::Command::new(python())
+    let out = tokio::process::Command::new(common::venv_python("prometheus-client"))
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/metrics/scrape.py"))
         .arg(&path)
         .output()

@@ -442,10 +442,8 @@ impl Drop for DropRole {
 async fn a_command_piped_into_a_reader_that_quits_ends_quietly() {
     use std::os::unix::process::ExitStatusExt;
     let env = TestEnv::new(MockConfig::default()).await;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sheepdog"))
-        .args(["limits", "show"])
-        .env("DATABASE_URL", env.db_url.expose_secret())
-        .env("AMQP_URL", env.amqp_url.expose_secret())
+    let mut child = env
+        .command(&["limits", "show"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

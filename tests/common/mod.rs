@@ -275,15 +275,21 @@ impl TestEnv {
 
     /// [`TestEnv::cli`] with more settings in its environment (over this environment's URLs).
     pub async fn cli_with(&self, args: &[&str], settings: &[(&str, String)]) -> std::process::Output {
+        let mut cmd = self.command(args);
+        for (k, v) in settings {
+            cmd.env(k, v);
+        }
+        cmd.output().await.expect("sheepdog runs")
+    }
+
+    /// The real binary's command line with this environment's URLs, not started yet.
+    pub fn command(&self, args: &[&str]) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sheepdog"));
         cmd.args(args)
             .env("DATABASE_URL", self.db_url.expose_secret())
             .env("AMQP_URL", self.amqp_url.expose_secret())
             .env("RUST_LOG", "warn");
-        for (k, v) in settings {
-            cmd.env(k, v);
-        }
-        cmd.output().await.expect("sheepdog runs")
+        cmd
     }
 }
 
@@ -508,4 +514,16 @@ impl TestEnv {
         assert_eq!(gap, rust_decimal::Decimal::ZERO, "job costs equal the ledger");
         a
     }
+}
+
+/// The Python of the venv `scripts/services` makes, where it installs the pinned `package` from
+/// PyPI (the official SDKs and parsers the tests run against).
+pub fn venv_python(package: &str) -> std::path::PathBuf {
+    let py = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    assert!(
+        py.exists(),
+        "{} is missing: run scripts/services, which makes the venv and installs the pinned `{package}` package from PyPI",
+        py.display()
+    );
+    py
 }
