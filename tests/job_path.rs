@@ -420,3 +420,30 @@ async fn enqueue_reports_bad_lines_and_duplicates_by_line_number() {
         2
     );
 }
+
+/// Connections propose 16 KiB frames (lapin keeps 32 frames per direction per connection, so
+/// RabbitMQ's 128 KiB made 8 MiB per connection), a URL's own `frame_max` wins, and a job much
+/// larger than a frame still goes through a `sheepdog worker` whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_use_small_frames_and_a_job_larger_than_many_frames_goes_through_whole() {
+    use secrecy::{ExposeSecret, SecretString};
+    let env = TestEnv::new(MockConfig::default()).await;
+    assert_eq!(env.amqp.configuration().frame_max(), sheepdog::amqp::FRAME_MAX);
+    let own = SecretString::from(format!("{}?frame_max=65536", env.amqp_url.expose_secret()));
+    let conn = sheepdog::amqp::connect(&own, "test-own-frame").await.expect("connect");
+    assert_eq!(conn.configuration().frame_max(), 65536, "the URL's frame_max is kept");
+    let _ = conn.close(0, "done".into()).await;
+
+    let _worker = common::WorkerProcess::start(&env, &[]);
+    // About 300 KiB of prompt: some 19 frames of 16 KiB each way.
+    let content: String = (0..30_000).map(|i| format!("w{:07} ", i)).collect();
+    let r = env.enqueue_lines("big", &[job_line("big-1", "gpt-4o", &content)]).await;
+    assert_eq!(r.published, 1, "{r:?}");
+    let s = env.wait_batch("big", Duration::from_secs(60)).await;
+    assert_eq!(s.succeeded, 1, "{s:?}");
+    let calls = env.mock.state.calls();
+    assert_eq!(calls.len(), 1);
+    let body = json!({"messages": [{"role": "user", "content": content}]});
+    let expected = sheepdog::tokens::prompt_tokens(body.as_object().unwrap());
+    assert_eq!(calls[0].prompt_tokens, expected, "the upstream saw the whole prompt");
+}

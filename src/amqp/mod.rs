@@ -41,9 +41,16 @@ pub async fn connect(url: &SecretString, name: &str) -> anyhow::Result<Connectio
     let mut failures = Vec::with_capacity(urls.len());
     for i in 0..urls.len() {
         let one = urls[(first + i) % urls.len()];
+        let uri = match broker_uri(one) {
+            Ok(uri) => uri,
+            Err(e) => {
+                failures.push(format!("{} ({})", redact_url(one), scrub(&e, url)));
+                continue;
+            }
+        };
         let props = ConnectionProperties::default().with_connection_name(LongString::from(name.to_string()));
         let runtime = lapin::runtime::default_runtime()?;
-        let connecting = Connection::connect_with_config(one, props, tls.clone(), runtime);
+        let connecting = Connection::connect_uri_with_config(uri, props, tls.clone(), runtime);
         let failure = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
             Ok(Ok(conn)) => {
                 if urls.len() > 1 {
@@ -66,6 +73,19 @@ pub async fn connect(url: &SecretString, name: &str) -> anyhow::Result<Connectio
         "cannot reach RabbitMQ at {}. {hint}",
         failures.join("; ")
     ))
+}
+
+/// The frame size sheepdog proposes when the URL names none (`?frame_max=` in `AMQP_URL` wins).
+/// lapin keeps two buffers of 32 frames per connection, written through at once: at RabbitMQ's
+/// own 128 KiB that is 8 MiB of memory per connection; at 16 KiB, 1 MiB. A job's message is a
+/// few hundred bytes to a few KiB; a larger one goes in more frames.
+pub const FRAME_MAX: u32 = 16 * 1024;
+
+/// One broker URL, parsed, with sheepdog's frame size unless the URL names its own.
+fn broker_uri(one: &str) -> Result<lapin::uri::AMQPUri, String> {
+    let mut uri: lapin::uri::AMQPUri = one.parse()?;
+    uri.query.frame_max.get_or_insert(FRAME_MAX);
+    Ok(uri)
 }
 
 /// The environment variable naming a PEM file of CA certificates that `amqps://` brokers are
