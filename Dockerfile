@@ -12,6 +12,8 @@ WORKDIR /src
 # Dependencies first, in their own layer: this layer is rebuilt only when
 # Cargo.toml or Cargo.lock change, not on every source edit.
 COPY Cargo.toml Cargo.lock ./
+# .cargo/config.toml: the allocator's compile-time settings (memory per call in flight).
+COPY .cargo ./.cargo
 RUN mkdir src \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \
