@@ -22,7 +22,7 @@ use super::settle::Settlement;
 use super::StoreError;
 use crate::job::JobId;
 use crate::plan::{
-    slot_of, Blocked, Breaker, BreakerState, Budget, Candidate, KeyCap, Plan, Planner, Scope, HORIZON_SLOTS,
+    Blocked, Breaker, BreakerState, Budget, Candidate, KeyCap, Plan, Planner, Scope, HORIZON_SLOTS, SLOTS_PER_SECOND,
 };
 
 /// A job granted to this replica: claimed, its `pending` ledger row written.
@@ -69,7 +69,8 @@ pub struct Dispatched {
     pub retry_in: Option<Duration>,
 }
 
-#[derive(sqlx::FromRow)]
+/// A scope as `sheepdog.dispatch_view` gives it (numbers as text: exact).
+#[derive(serde::Deserialize)]
 struct ScopeRow {
     scope: String,
     rpm: Option<Decimal>,
@@ -89,11 +90,6 @@ struct ScopeRow {
     spent: Option<Decimal>,
     reserved: Option<Decimal>,
 }
-
-const SCOPE_COLUMNS: &str = "s.scope, s.rpm, s.tpm, s.burst_seconds, s.budget_usd, s.req_level, s.tok_level, \
-     s.bucket_at, s.paused_until, s.pause_reason, s.pause_streak, s.gate_owner, s.gate_until, \
-     CASE WHEN s.budget_usd IS NULL THEN NULL ELSE sheepdog.budget_period_key(s.budget_period, $1) END AS period_key, \
-     sheepdog.budget_period_end(s.budget_period, $1) AS period_end, b.spent, b.reserved";
 
 fn scope_of(r: ScopeRow) -> (Scope, Decimal) {
     let budget = match (r.budget_usd, r.period_key) {
@@ -169,11 +165,9 @@ pub async fn settle_and_dispatch(
     look_first: bool,
 ) -> Result<Dispatched, StoreError> {
     let mut tx = pool.begin().await?;
-    let mut locked = false;
     if !settlements.is_empty() {
         if settlements.iter().any(|s| s.shared) {
             lock(&mut tx).await?;
-            locked = true;
         }
         super::settle::settle(&mut tx, settlements).await?;
     }
@@ -184,10 +178,8 @@ pub async fn settle_and_dispatch(
             ..Default::default()
         });
     }
-    if !locked {
-        lock(&mut tx).await?;
-    }
-    // Everything below is read by statements after the lock's: their snapshots see every
+    // `grant` takes the lock (a second time when settling took it: harmless, both are released
+    // at commit) and reads everything in statements after the lock's: their snapshots see every
     // dispatch that committed before this one got it.
     let d = grant(&mut tx, replica, slots, probe_lease).await?;
     match d {
@@ -207,7 +199,39 @@ pub async fn settle_and_dispatch(
     }
 }
 
-/// Plans and writes one dispatch, under the lock. `None` when a planned job could not be claimed.
+/// What the planner reads under the lock, as `sheepdog.dispatch_view` gives it in one round
+/// trip.
+#[derive(serde::Deserialize)]
+struct View {
+    now: DateTime<Utc>,
+    vclock: i64,
+    global: ScopeRow,
+    pairs: Vec<Pair>,
+    models: Vec<ScopeRow>,
+    /// Token counts: scope, slot, tokens.
+    slots: Vec<(String, i64, Decimal)>,
+    breakers: Vec<BreakerRow>,
+}
+
+/// Takes the dispatch lock and reads, each in a
+/// statement after the lock's so that it sees every dispatch that committed before this one got
+/// the lock: the clocks, the scopes, the pairs with jobs waiting, the token windows and the
+/// breakers. One round trip: every round trip made while holding the lock is one every other
+/// replica's round waits for.
+async fn view(tx: &mut Transaction<'_, Postgres>) -> Result<View, StoreError> {
+    let Json(view): Json<View> = query_scalar("SELECT sheepdog.dispatch_view($1, $2, $3, $4)")
+        .bind(DISPATCH_LOCK.0)
+        .bind(DISPATCH_LOCK.1)
+        .bind(1_000_000 / SLOTS_PER_SECOND)
+        // One slot more than the windows need: the planner keeps only the slots it counts.
+        .bind(HORIZON_SLOTS + 1)
+        .fetch_one(&mut **tx)
+        .await?;
+    Ok(view)
+}
+
+/// Plans and writes one dispatch, taking the lock first. `None` when a planned job could not be
+/// claimed.
 async fn grant(
     tx: &mut Transaction<'_, Postgres>,
     replica: i64,
@@ -216,49 +240,37 @@ async fn grant(
 ) -> Result<Option<Dispatched>, StoreError> {
     // The backlog's statistics are seldom right: it swings between empty and millions of rows
     // faster than ANALYZE follows. Planned from "a few rows", a lane's first jobs were read by
-    // fetching the whole lane and sorting it (13,000 rows for 124 in the benchmark). This
-    // transaction's statements only ever want the few first entries of an index, in its order,
-    // so sorts and bitmap scans are off for it.
-    let (now, vclock): (DateTime<Utc>, i64) = query_as(
-        "SELECT clock_timestamp(), vclock, set_config('enable_sort', 'off', true),
-                set_config('enable_bitmapscan', 'off', true)
-           FROM sheepdog.scheduler WHERE id = 1",
-    )
-    .fetch_one(&mut **tx)
-    .await
-    .map(|r: (DateTime<Utc>, i64, String, String)| (r.0, r.1))?;
-    let global_row: ScopeRow = query_as(&format!(
-        "SELECT {SCOPE_COLUMNS} FROM sheepdog.limit_scopes s
-           LEFT JOIN sheepdog.budget b ON b.scope = s.scope
-                 AND b.period_key = sheepdog.budget_period_key(s.budget_period, $1)
-          WHERE s.scope = '*'"
-    ))
-    .bind(now)
-    .fetch_one(&mut **tx)
-    .await?;
-    let (mut global, burst) = scope_of(global_row);
-    let pairs = pairs(tx, now).await?;
+    // fetching the whole lane and sorting it (13,000 rows for 124 in the benchmark). The view
+    // turns sorts and bitmap scans off for the rest of the transaction.
+    let View {
+        now,
+        vclock,
+        global,
+        pairs,
+        models,
+        slots: token_slots,
+        breakers,
+    } = view(tx).await?;
+    let (mut global, burst) = scope_of(global);
     let mut lanes: Vec<String> = pairs.iter().map(|p| p.model.clone()).collect();
     lanes.dedup();
-    let mut models: Vec<Scope> = Vec::new();
-    if !lanes.is_empty() {
-        // A model's row is also written by the upstream's pauses (`limits::throttle`): wait for
-        // any such change to commit, then read it.
-        let model_rows: Vec<ScopeRow> = query_as(&format!(
-            "SELECT {SCOPE_COLUMNS} FROM sheepdog.limit_scopes s
-               LEFT JOIN sheepdog.budget b ON b.scope = s.scope
-                     AND b.period_key = sheepdog.budget_period_key(s.budget_period, $1)
-              WHERE s.scope = ANY($2) AND s.scope <> '*'
-              ORDER BY s.scope FOR UPDATE OF s"
-        ))
-        .bind(now)
-        .bind(&lanes)
-        .fetch_all(&mut **tx)
-        .await?;
-        models = model_rows.into_iter().map(|r| scope_of(r).0).collect();
+    let mut models: Vec<Scope> = models.into_iter().map(|r| scope_of(r).0).collect();
+    for (scope, slot, tokens) in token_slots {
+        let s = std::iter::once(&mut global)
+            .chain(models.iter_mut())
+            .find(|s| s.name == scope && s.tpm.is_some());
+        if let Some(s) = s {
+            s.token_slots.push((slot, tokens));
+        }
     }
-    token_windows(tx, now, std::iter::once(&mut global).chain(models.iter_mut())).await?;
-    let breakers = breakers(tx, &lanes).await?;
+    let breakers = breakers_of(breakers);
+    // Scopes whose token windows count this round's calls: a call of one of them is settled
+    // into its window (its slot is written), a call of none of them writes no shared row then.
+    let token_limited: Vec<String> = std::iter::once(&global)
+        .chain(models.iter())
+        .filter(|s| s.tpm.is_some())
+        .map(|s| s.name.clone())
+        .collect();
     let planner = Planner::new(now, burst, global, models, &lanes, &breakers);
     let open = planner.open_lanes(&lanes);
     let open_pairs: Vec<&Pair> = pairs.iter().filter(|p| open.contains(&p.model)).collect();
@@ -268,7 +280,7 @@ async fn grant(
         candidates(tx, &open_pairs, vclock, now, slots).await?
     };
     let plan = planner.plan(&lanes, candidates, slots);
-    let Some(jobs) = apply(tx, &plan, &places, replica, now, probe_lease).await? else {
+    let Some(jobs) = apply(tx, &plan, &places, &token_limited, replica, now, probe_lease).await? else {
         return Ok(None);
     };
     Ok(Some(Dispatched {
@@ -280,33 +292,8 @@ async fn grant(
     }))
 }
 
-/// The token counts of the last minute, for each scope with a token limit.
-async fn token_windows(
-    tx: &mut Transaction<'_, Postgres>,
-    now: DateTime<Utc>,
-    scopes: impl Iterator<Item = &mut Scope>,
-) -> Result<(), StoreError> {
-    let mut limited: Vec<&mut Scope> = scopes.filter(|s| s.tpm.is_some()).collect();
-    if limited.is_empty() {
-        return Ok(());
-    }
-    let names: Vec<String> = limited.iter().map(|s| s.name.clone()).collect();
-    let rows: Vec<(String, i64, Decimal)> =
-        query_as("SELECT scope, slot, tokens FROM sheepdog.token_slots WHERE scope = ANY($1) AND slot >= $2")
-            .bind(&names)
-            .bind(slot_of(now) - HORIZON_SLOTS)
-            .fetch_all(&mut **tx)
-            .await?;
-    for (scope, slot, tokens) in rows {
-        if let Some(s) = limited.iter_mut().find(|s| s.name == scope) {
-            s.token_slots.push((slot, tokens));
-        }
-    }
-    Ok(())
-}
-
 /// A batch with jobs of a model waiting.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone, serde::Deserialize)]
 struct Pair {
     model: String,
     batch_id: String,
@@ -320,73 +307,37 @@ struct Pair {
     key_left: Option<Decimal>,
 }
 
-/// Every (model, batch) with jobs waiting that may go: a loose index scan of the backlog's key, one
-/// probe per pair however many jobs each has; then only batches that are active and within their
-/// deadline, with what is left of their spending caps (the batch's, and its producer key's).
-async fn pairs(tx: &mut Transaction<'_, Postgres>, now: DateTime<Utc>) -> Result<Vec<Pair>, StoreError> {
-    Ok(query_as(
-        "WITH RECURSIVE p AS (
-             (SELECT model, batch_id FROM sheepdog.backlog ORDER BY model, batch_id LIMIT 1)
-             UNION ALL
-             SELECT n.model, n.batch_id FROM p CROSS JOIN LATERAL (
-                 SELECT b.model, b.batch_id FROM sheepdog.backlog b
-                  WHERE (b.model, b.batch_id) > (p.model, p.batch_id)
-                  ORDER BY b.model, b.batch_id LIMIT 1) n)
-         SELECT p.model, p.batch_id, coalesce(bt.priority, 1::smallint) AS priority,
-                coalesce(bt.vpass, 0) AS vpass,
-                bt.max_cost_usd - coalesce(cap.spent, 0) - coalesce(cap.reserved, 0) AS cap_left,
-                'key:' || k.name AS key_scope, k.period_key AS key_period,
-                k.max_cost_usd - coalesce(kb.spent, 0) - coalesce(kb.reserved, 0) AS key_left
-           FROM p
-           LEFT JOIN sheepdog.batches bt ON bt.batch_id = p.batch_id
-           LEFT JOIN sheepdog.budget cap ON cap.scope = 'batch:' || p.batch_id AND cap.period_key = 'total'
-           LEFT JOIN sheepdog.api_batches ab ON ab.id = p.batch_id
-           LEFT JOIN LATERAL (SELECT name, max_cost_usd, sheepdog.budget_period_key(period, $1) AS period_key
-                                FROM sheepdog.api_keys WHERE name = ab.owner AND max_cost_usd IS NOT NULL) k ON true
-           LEFT JOIN sheepdog.budget kb ON kb.scope = 'key:' || k.name AND kb.period_key = k.period_key
-          WHERE coalesce(bt.control, 'active') = 'active' AND (bt.expires_at IS NULL OR bt.expires_at > now())",
-    )
-    .bind(now)
-    .fetch_all(&mut **tx)
-    .await?)
+/// A breaker that is not closed, as the view gives it.
+#[derive(serde::Deserialize)]
+struct BreakerRow {
+    scope: String,
+    state: String,
+    since: DateTime<Utc>,
+    reason: Option<String>,
+    open_until: Option<DateTime<Utc>>,
+    probe_until: Option<DateTime<Utc>>,
 }
 
-type BreakerRow = (
-    String,
-    BreakerState,
-    DateTime<Utc>,
-    Option<String>,
-    Option<DateTime<Utc>>,
-    Option<DateTime<Utc>>,
-);
-
-async fn breakers(
-    tx: &mut Transaction<'_, Postgres>,
-    lanes: &[String],
-) -> Result<HashMap<String, Breaker>, StoreError> {
-    let rows: Vec<BreakerRow> = query_as(
-        "SELECT scope, state, since, reason, open_until, probe_until FROM sheepdog.breakers
-          WHERE (scope = '*' OR scope = ANY($1)) AND state <> 'closed'
-          ORDER BY scope FOR UPDATE",
-    )
-    .bind(lanes)
-    .fetch_all(&mut **tx)
-    .await?;
-    Ok(rows
-        .into_iter()
+fn breakers_of(rows: Vec<BreakerRow>) -> HashMap<String, Breaker> {
+    rows.into_iter()
         .map(|r| {
+            let state = match r.state.as_str() {
+                "open" => BreakerState::Open,
+                "half_open" => BreakerState::HalfOpen,
+                _ => BreakerState::Closed,
+            };
             (
-                r.0,
+                r.scope,
                 Breaker {
-                    state: r.1,
-                    since: Some(r.2),
-                    reason: r.3,
-                    open_until: r.4,
-                    probe_until: r.5,
+                    state,
+                    since: Some(r.since),
+                    reason: r.reason,
+                    open_until: r.open_until,
+                    probe_until: r.probe_until,
                 },
             )
         })
-        .collect())
+        .collect()
 }
 
 type CandidateRow = (String, String, String, i64, i64, Decimal);
@@ -501,65 +452,18 @@ fn granted(r: GrantedRow, probe: Option<String>, first_after_pause: Option<Strin
     }
 }
 
-/// Writes a plan back: levels, reservations, probes, gates, claims and ledger rows.
+/// Writes a plan back: probes and gates (seldom), then in one statement the bucket levels, the
+/// tokens counted, the budget reservations, the claims with their ledger rows, and the batches'
+/// passes and the virtual clock.
 async fn apply(
     tx: &mut Transaction<'_, Postgres>,
     plan: &Plan,
     places: &Places,
+    token_limited: &[String],
     replica: i64,
     now: DateTime<Utc>,
     lease: Duration,
 ) -> Result<Option<Vec<Granted>>, StoreError> {
-    if !plan.levels.is_empty() {
-        let scopes: Vec<&str> = plan.levels.iter().map(|l| l.scope.as_str()).collect();
-        let req: Vec<Decimal> = plan.levels.iter().map(|l| l.req_level).collect();
-        query(
-            "UPDATE sheepdog.limit_scopes s SET req_level = v.r, bucket_at = $3
-               FROM unnest($1::text[], $2::numeric[]) AS v(scope, r)
-              WHERE s.scope = v.scope",
-        )
-        .bind(&scopes)
-        .bind(&req)
-        .bind(now)
-        .execute(&mut **tx)
-        .await?;
-    }
-    if !plan.slot_tokens.is_empty() {
-        let scopes: Vec<&str> = plan.slot_tokens.iter().map(|t| t.0.as_str()).collect();
-        let tokens: Vec<Decimal> = plan.slot_tokens.iter().map(|t| t.1).collect();
-        query(
-            "INSERT INTO sheepdog.token_slots AS t (scope, slot, tokens)
-             SELECT v.scope, $3, v.tokens FROM unnest($1::text[], $2::numeric[]) AS v(scope, tokens)
-             ON CONFLICT (scope, slot) DO UPDATE SET tokens = t.tokens + EXCLUDED.tokens",
-        )
-        .bind(&scopes)
-        .bind(&tokens)
-        .bind(plan.slot)
-        .execute(&mut **tx)
-        .await?;
-        // Slots older than any window checked are of no more use (now and then is enough).
-        if plan.slot % 50 == 0 {
-            query("DELETE FROM sheepdog.token_slots WHERE slot < $1")
-                .bind(plan.slot - 2 * HORIZON_SLOTS)
-                .execute(&mut **tx)
-                .await?;
-        }
-    }
-    if !plan.reserved.is_empty() {
-        let scopes: Vec<&str> = plan.reserved.iter().map(|r| r.0.as_str()).collect();
-        let keys: Vec<&str> = plan.reserved.iter().map(|r| r.1.as_str()).collect();
-        let amounts: Vec<Decimal> = plan.reserved.iter().map(|r| r.2).collect();
-        query(
-            "INSERT INTO sheepdog.budget AS b (scope, period_key, reserved)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::numeric[])
-             ON CONFLICT (scope, period_key) DO UPDATE SET reserved = b.reserved + EXCLUDED.reserved",
-        )
-        .bind(&scopes)
-        .bind(&keys)
-        .bind(&amounts)
-        .execute(&mut **tx)
-        .await?;
-    }
     let lease_s = lease.as_secs_f64();
     if !plan.probes.is_empty() {
         query(
@@ -587,9 +491,18 @@ async fn apply(
         .execute(&mut **tx)
         .await?;
     }
-    if plan.grants.is_empty() {
+    if plan.grants.is_empty() && plan.levels.is_empty() && plan.slot_tokens.is_empty() && plan.reserved.is_empty() {
         return Ok(Some(Vec::new()));
     }
+    let level_scopes: Vec<&str> = plan.levels.iter().map(|l| l.scope.as_str()).collect();
+    let level_values: Vec<Decimal> = plan.levels.iter().map(|l| l.req_level).collect();
+    let token_scopes: Vec<&str> = plan.slot_tokens.iter().map(|t| t.0.as_str()).collect();
+    let token_counts: Vec<Decimal> = plan.slot_tokens.iter().map(|t| t.1).collect();
+    // Slots older than any window checked are of no more use (now and then is enough).
+    let drop_old_slots = !plan.slot_tokens.is_empty() && plan.slot % 50 == 0;
+    let budget_scopes: Vec<&str> = plan.reserved.iter().map(|r| r.0.as_str()).collect();
+    let budget_keys: Vec<&str> = plan.reserved.iter().map(|r| r.1.as_str()).collect();
+    let budget_amounts: Vec<Decimal> = plan.reserved.iter().map(|r| r.2).collect();
     // Claiming is deleting the job's backlog row; the call's ledger row, `pending`, is written in
     // the same statement (before any request is sent). The job's row is only read (its request).
     let models: Vec<&str> = plan.grants.iter().map(|g| g.model.as_str()).collect();
@@ -605,9 +518,44 @@ async fn apply(
         seqs.push(*seq);
     }
     let keys: Vec<Json<&Vec<String>>> = plan.grants.iter().map(|g| Json(&g.budget_keys)).collect();
+    // The slot a call's tokens were counted in, when a token window applies to it.
+    let token_slots: Vec<Option<i64>> = plan
+        .grants
+        .iter()
+        .map(|g| {
+            token_limited
+                .iter()
+                .any(|s| s == "*" || *s == g.model)
+                .then_some(plan.slot)
+        })
+        .collect();
+    // Each granted batch's pass moves past its last granted job; the clock, past the last of all.
+    let mut passes: HashMap<&str, i64> = HashMap::new();
+    for g in &plan.grants {
+        let p = passes.entry(g.batch_id.as_str()).or_insert(0);
+        *p = (*p).max(g.vtime + 1);
+    }
+    let pass_batches: Vec<&str> = passes.keys().copied().collect();
+    let pass_values: Vec<i64> = passes.values().copied().collect();
+    let max_vtime = plan.grants.iter().map(|g| g.vtime).max().unwrap_or(0);
     let rows: Vec<GrantedRow> = query_as(
-        "WITH g AS (
-             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::jsonb[]) AS g(model, batch_id, seq, keys)
+        "WITH levels AS (
+             UPDATE sheepdog.limit_scopes s SET req_level = v.r, bucket_at = $6
+               FROM unnest($8::text[], $9::numeric[]) AS v(scope, r)
+              WHERE s.scope = v.scope
+         ), counted AS (
+             INSERT INTO sheepdog.token_slots AS t (scope, slot, tokens)
+             SELECT v.scope, $7, v.tokens FROM unnest($10::text[], $11::numeric[]) AS v(scope, tokens)
+             ON CONFLICT (scope, slot) DO UPDATE SET tokens = t.tokens + EXCLUDED.tokens
+         ), old_slots AS (
+             DELETE FROM sheepdog.token_slots WHERE $12 AND slot < $13
+         ), reserved AS (
+             INSERT INTO sheepdog.budget AS b (scope, period_key, reserved)
+             SELECT * FROM unnest($14::text[], $15::text[], $16::numeric[])
+             ON CONFLICT (scope, period_key) DO UPDATE SET reserved = b.reserved + EXCLUDED.reserved
+         ), g AS (
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::jsonb[], $20::bigint[])
+                 AS g(model, batch_id, seq, keys, token_slot)
          ), gone AS (
              DELETE FROM sheepdog.backlog b USING g
               WHERE b.model = g.model AND b.batch_id = g.batch_id AND b.seq = g.seq
@@ -617,10 +565,17 @@ async fn apply(
                                          reserved_cost_usd, budget_keys, replica_id, started_at, token_slot)
              SELECT gone.batch_id, gone.custom_id, gone.attempts + 1, gone.model, 'pending',
                     gone.reserve_tokens, gone.reserve_cost_usd,
-                    ARRAY(SELECT jsonb_array_elements_text(g.keys)), $5, $6, $7
+                    ARRAY(SELECT jsonb_array_elements_text(g.keys)), $5, $6, g.token_slot
                FROM gone JOIN g ON g.model = gone.model AND g.batch_id = gone.batch_id AND g.seq = gone.seq
              RETURNING id, batch_id, custom_id, attempt, model, reserved_tokens, reserved_cost_usd,
                        cardinality(budget_keys) > 0 OR token_slot IS NOT NULL AS shared
+         ), pass AS (
+             UPDATE sheepdog.batches b SET vpass = greatest(b.vpass, v.pass)
+               FROM unnest($17::text[], $18::bigint[]) AS v(batch_id, pass)
+              WHERE b.batch_id = v.batch_id
+         ), clock AS (
+             UPDATE sheepdog.scheduler SET vclock = greatest(vclock, $19)
+              WHERE id = 1 AND cardinality($17::text[]) > 0
          )
          SELECT call.id, call.batch_id, call.custom_id, call.attempt, call.model, j.request, j.message,
                 call.reserved_tokens, call.reserved_cost_usd, call.shared
@@ -633,6 +588,19 @@ async fn apply(
     .bind(replica)
     .bind(now)
     .bind(plan.slot)
+    .bind(&level_scopes)
+    .bind(&level_values)
+    .bind(&token_scopes)
+    .bind(&token_counts)
+    .bind(drop_old_slots)
+    .bind(plan.slot - 2 * HORIZON_SLOTS)
+    .bind(&budget_scopes)
+    .bind(&budget_keys)
+    .bind(&budget_amounts)
+    .bind(&pass_batches)
+    .bind(&pass_values)
+    .bind(max_vtime)
+    .bind(&token_slots)
     .fetch_all(&mut **tx)
     .await?;
     if rows.len() != plan.grants.len() {
@@ -643,26 +611,6 @@ async fn apply(
         );
         return Ok(None);
     }
-    // Each granted batch's pass moves past its last granted job; the clock, past the last of all.
-    let mut passes: HashMap<&str, i64> = HashMap::new();
-    for g in &plan.grants {
-        let p = passes.entry(g.batch_id.as_str()).or_insert(0);
-        *p = (*p).max(g.vtime + 1);
-    }
-    let pass_batches: Vec<&str> = passes.keys().copied().collect();
-    let pass_values: Vec<i64> = passes.values().copied().collect();
-    let max_vtime = plan.grants.iter().map(|g| g.vtime).max().unwrap_or(0);
-    query(
-        "WITH v AS (SELECT * FROM unnest($1::text[], $2::bigint[]) AS v(batch_id, pass)),
-              b AS (UPDATE sheepdog.batches b SET vpass = greatest(b.vpass, v.pass)
-                      FROM v WHERE b.batch_id = v.batch_id)
-         UPDATE sheepdog.scheduler SET vclock = greatest(vclock, $3) WHERE id = 1",
-    )
-    .bind(&pass_batches)
-    .bind(&pass_values)
-    .bind(max_vtime)
-    .execute(&mut **tx)
-    .await?;
     let by_id: HashMap<(String, String), &crate::plan::Grant> = plan
         .grants
         .iter()
