@@ -1,11 +1,11 @@
 -- A dispatch round holds the dispatch lock for fewer round trips (issue: replicas that add up).
 --
--- Measured with 8 replicas on two cores, a round held the lock for about 28 ms, of which its
--- statements ran for about 7 ms on the server: the rest was the ten round trips between them,
--- each waiting for a turn on a busy CPU while every other replica waited for the lock. This
--- function takes the lock and reads everything the planner needs in one call; each statement in
--- it takes its own snapshot (a volatile function), so it sees every dispatch that committed
--- before the lock was granted, as the separate statements did.
+-- Measured with 8 replicas on two cores, rounds followed each other about 30 ms apart with the
+-- lock never free, while on the server their statements ran for a fraction of that: the rest was
+-- the round trips between them, each waiting for a turn on a busy CPU while every other replica
+-- waited for the lock. This function takes the lock and reads everything the planner needs in
+-- one call; each statement in it takes its own snapshot (a volatile function), so it sees every
+-- dispatch that committed before the lock was granted, as the separate statements did.
 
 -- One scope as the planner reads it, numbers as text so that they arrive exact.
 CREATE FUNCTION sheepdog.dispatch_scope_json(s sheepdog.limit_scopes, spent numeric, reserved numeric,
