@@ -23,15 +23,17 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
         'spent', spent::text, 'reserved', reserved::text)
 $$;
 
--- Takes the dispatch lock (`lock_key`), then reads, each in a statement after the lock's: the
--- database clock and the virtual clock; the scope `*`; every (model, batch) with jobs waiting
--- that may go, with what is left of its caps; the scopes of those models (locked: a model's row
--- is also written by the upstream's pauses); the token counts of the token-limited scopes from
--- `first_slot_back` slots before now (slots of `micros_per_slot`); and the breakers not closed
--- (locked). Sorts and bitmap scans are off for the rest of the transaction: its statements only
--- ever want the few first entries of an index, in its order.
+-- Takes the dispatch lock (`lock_a`, `lock_b`), then reads, each in a statement after the
+-- lock's: the database clock and the virtual clock; the scope `*`; every (model, batch) with jobs
+-- waiting that may go, with what is left of its caps; the scopes of those models (locked: a
+-- model's row is also written by the upstream's pauses); the token counts of the token-limited
+-- scopes from `first_slot_back` slots before now (slots of `micros_per_slot`); the breakers not
+-- closed (locked); and the first due jobs of every pair, enough of each to fill `slots` between
+-- them and a few more (at least 4 of each, at most `slots`), in the order they wait. Sorts and
+-- bitmap scans are off for the rest of the transaction: its statements only ever want the few
+-- first entries of an index, in its order.
 CREATE FUNCTION sheepdog.dispatch_view(lock_a integer, lock_b integer, micros_per_slot bigint,
-                                       first_slot_back bigint)
+                                       first_slot_back bigint, slots bigint)
 RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
     t timestamptz;
@@ -43,6 +45,8 @@ DECLARE
     limited text[];
     slot_list jsonb;
     breaker_list jsonb;
+    per_pair bigint;
+    candidate_list jsonb;
 BEGIN
     PERFORM pg_advisory_xact_lock(lock_a, lock_b);
     PERFORM set_config('enable_sort', 'off', true), set_config('enable_bitmapscan', 'off', true);
@@ -107,7 +111,23 @@ BEGIN
              WHERE (scope = '*' OR scope = ANY(lanes)) AND state <> 'closed'
              ORDER BY scope FOR UPDATE) br;
 
+    -- The same count a pair gets as `store::dispatch::candidates` asks for.
+    per_pair := least(greatest((slots + jsonb_array_length(pair_list) - 1)
+                               / greatest(jsonb_array_length(pair_list), 1), 4),
+                      greatest(slots, 1));
+    SELECT coalesce(jsonb_agg(jsonb_build_array(c.batch_id, c.custom_id, c.model, c.seq, c.reserve_tokens,
+                                                c.reserve_cost_usd::text) ORDER BY l.ord, c.seq), '[]'::jsonb)
+      INTO candidate_list
+      FROM jsonb_array_elements(pair_list) WITH ORDINALITY AS l(pair, ord)
+     CROSS JOIN LATERAL (
+           SELECT b.batch_id, b.custom_id, b.model, b.seq, b.reserve_tokens, b.reserve_cost_usd
+             FROM sheepdog.backlog b
+            WHERE b.model = l.pair->>'model' AND b.batch_id = l.pair->>'batch_id' AND b.run_at <= t
+            ORDER BY b.seq
+            LIMIT per_pair) c;
+
     RETURN jsonb_build_object('now', t, 'vclock', vc, 'global', glob, 'pairs', pair_list,
-                              'models', model_list, 'slots', slot_list, 'breakers', breaker_list);
+                              'models', model_list, 'slots', slot_list, 'breakers', breaker_list,
+                              'candidates', candidate_list);
 END
 $$;

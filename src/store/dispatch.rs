@@ -211,20 +211,23 @@ struct View {
     /// Token counts: scope, slot, tokens.
     slots: Vec<(String, i64, Decimal)>,
     breakers: Vec<BreakerRow>,
+    /// The first due jobs of every pair, as many of each as [`per_pair`] gives for all pairs.
+    candidates: Vec<CandidateRow>,
 }
 
 /// Takes the dispatch lock and reads, each in a
 /// statement after the lock's so that it sees every dispatch that committed before this one got
-/// the lock: the clocks, the scopes, the pairs with jobs waiting, the token windows and the
-/// breakers. One round trip: every round trip made while holding the lock is one every other
-/// replica's round waits for.
-async fn view(tx: &mut Transaction<'_, Postgres>) -> Result<View, StoreError> {
-    let Json(view): Json<View> = query_scalar("SELECT sheepdog.dispatch_view($1, $2, $3, $4)")
+/// the lock: the clocks, the scopes, the pairs with jobs waiting, the token windows, the
+/// breakers, and the first due jobs of every pair for `slots`. One round trip: every round trip
+/// made while holding the lock is one every other replica's round waits for.
+async fn view(tx: &mut Transaction<'_, Postgres>, slots: usize) -> Result<View, StoreError> {
+    let Json(view): Json<View> = query_scalar("SELECT sheepdog.dispatch_view($1, $2, $3, $4, $5)")
         .bind(DISPATCH_LOCK.0)
         .bind(DISPATCH_LOCK.1)
         .bind(1_000_000 / SLOTS_PER_SECOND)
         // One slot more than the windows need: the planner keeps only the slots it counts.
         .bind(HORIZON_SLOTS + 1)
+        .bind(slots as i64)
         .fetch_one(&mut **tx)
         .await?;
     Ok(view)
@@ -250,7 +253,8 @@ async fn grant(
         models,
         slots: token_slots,
         breakers,
-    } = view(tx).await?;
+        candidates: first_jobs,
+    } = view(tx, slots).await?;
     let (mut global, burst) = scope_of(global);
     let mut lanes: Vec<String> = pairs.iter().map(|p| p.model.clone()).collect();
     lanes.dedup();
@@ -276,7 +280,11 @@ async fn grant(
     let open_pairs: Vec<&Pair> = pairs.iter().filter(|p| open.contains(&p.model)).collect();
     let (candidates, places) = if open_pairs.is_empty() {
         (Vec::new(), HashMap::new())
+    } else if open_pairs.len() == pairs.len() {
+        // Every pair may go: the view read as many of each as they get.
+        to_candidates(first_jobs, &open_pairs, vclock)
     } else {
+        // Fewer pairs share the slots: each gets more than the view read.
         candidates(tx, &open_pairs, vclock, now, slots).await?
     };
     let plan = planner.plan(&lanes, candidates, slots);
@@ -357,9 +365,7 @@ async fn candidates(
     now: DateTime<Utc>,
     slots: usize,
 ) -> Result<(Vec<Candidate>, Places), StoreError> {
-    // Enough of each batch to fill the slots between them, and a few more in case some do not
-    // fit (a batch's cap, a model's bucket).
-    let per_batch = slots.div_ceil(pairs.len()).max(4).min(slots.max(1));
+    let per_batch = per_pair(slots, pairs.len());
     let models: Vec<&str> = pairs.iter().map(|p| p.model.as_str()).collect();
     let batches: Vec<&str> = pairs.iter().map(|p| p.batch_id.as_str()).collect();
     let rows: Vec<CandidateRow> = query_as(
@@ -379,6 +385,18 @@ async fn candidates(
     .bind(per_batch as i64)
     .fetch_all(&mut **tx)
     .await?;
+    Ok(to_candidates(rows, pairs, vclock))
+}
+
+/// How many of each pair's first jobs a round reads when `pairs` share `slots`: enough to fill
+/// the slots between them, and a few more in case some do not fit (a batch's cap, a model's
+/// bucket). `sheepdog.dispatch_view` counts the same.
+fn per_pair(slots: usize, pairs: usize) -> usize {
+    slots.div_ceil(pairs.max(1)).max(4).min(slots.max(1))
+}
+
+/// Candidates from the first jobs of `pairs` (in each pair's order), each with its virtual time.
+fn to_candidates(rows: Vec<CandidateRow>, pairs: &[&Pair], vclock: i64) -> (Vec<Candidate>, Places) {
     let by_pair: HashMap<(&str, &str), &&Pair> = pairs
         .iter()
         .map(|p| ((p.model.as_str(), p.batch_id.as_str()), p))
@@ -413,7 +431,7 @@ async fn candidates(
             })
         })
         .collect();
-    Ok((candidates, places))
+    (candidates, places)
 }
 
 type GrantedRow = (
