@@ -75,8 +75,9 @@ pub struct Scope {
 }
 
 /// The state of a circuit breaker, as stored.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, sqlx::Type)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, sqlx::Type, serde::Deserialize)]
 #[sqlx(type_name = "text", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum BreakerState {
     #[default]
     Closed,

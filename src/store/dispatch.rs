@@ -215,9 +215,8 @@ struct View {
     candidates: Vec<CandidateRow>,
 }
 
-/// Takes the dispatch lock and reads, each in a
-/// statement after the lock's so that it sees every dispatch that committed before this one got
-/// the lock: the clocks, the scopes, the pairs with jobs waiting, the token windows, the
+/// Takes the dispatch lock and reads, each in a statement after the lock's so that it sees every
+/// dispatch that committed before this one got the lock: the clocks, the scopes, the pairs with jobs waiting, the token windows, the
 /// breakers, and the first due jobs of every pair for `slots`. One round trip: every round trip
 /// made while holding the lock is one every other replica's round waits for.
 async fn view(tx: &mut Transaction<'_, Postgres>, slots: usize) -> Result<View, StoreError> {
@@ -319,7 +318,7 @@ struct Pair {
 #[derive(serde::Deserialize)]
 struct BreakerRow {
     scope: String,
-    state: String,
+    state: BreakerState,
     since: DateTime<Utc>,
     reason: Option<String>,
     open_until: Option<DateTime<Utc>>,
@@ -329,15 +328,10 @@ struct BreakerRow {
 fn breakers_of(rows: Vec<BreakerRow>) -> HashMap<String, Breaker> {
     rows.into_iter()
         .map(|r| {
-            let state = match r.state.as_str() {
-                "open" => BreakerState::Open,
-                "half_open" => BreakerState::HalfOpen,
-                _ => BreakerState::Closed,
-            };
             (
                 r.scope,
                 Breaker {
-                    state,
+                    state: r.state,
                     since: Some(r.since),
                     reason: r.reason,
                     open_until: r.open_until,
