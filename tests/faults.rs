@@ -184,6 +184,51 @@ async fn cut_connections_to_rabbitmq_and_postgres_are_survived() {
     println!("cut run: {a:?}");
 }
 
+/// A round whose COMMIT reaches Postgres while its answer is lost with the connection: its
+/// grants are the replica's in the ledger but in no task. The replica finds them and runs each
+/// once, in slots of its own, however busy its slots are with new grants (once it waited for a
+/// slot that only it could free, and its batch never ended).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grants_whose_commit_answer_was_lost_run_once_and_the_batch_ends() {
+    let _serial = SERIAL.lock().await;
+    let env = TestEnv::new(MockConfig {
+        latency_ms_min: 100,
+        latency_ms_max: 200,
+        ..Default::default()
+    })
+    .await;
+    let pg = Proxy::start("127.0.0.1:5432".parse::<SocketAddr>().unwrap()).await;
+    // The proxy reads the protocol to find the COMMITs: this worker talks to Postgres in plain text.
+    let db_url = format!(
+        "{}?sslmode=disable",
+        env.db_url
+            .expose_secret()
+            .replace("127.0.0.1:5432", &pg.addr.to_string())
+    );
+    let n = 400;
+    env.enqueue_lines("lost", &lines(n, "l")).await;
+    let extra = [("SHEEPDOG_CONCURRENCY", "8".to_string()), ("DATABASE_URL", db_url)];
+    let mut worker = WorkerProcess::start(&env, &extra);
+    // Six answers lost while the backlog is deep: each round after one fills every slot it can.
+    for k in 1..=6 {
+        reach(&env, "lost", (k * n / 8) as i64, Duration::from_secs(60)).await;
+        pg.lose_commit_answers(1);
+        wait_for(Duration::from_secs(30), "a COMMIT to pass", || async {
+            (pg.commits_lost() >= k).then_some(())
+        })
+        .await;
+    }
+    env.wait_batch("lost", Duration::from_secs(120)).await;
+    worker.kill9().await;
+    let a = env.audit("lost", n as i64).await;
+    // Every job called once: a lost grant is run by its replica, never taken over and called again.
+    assert_eq!((a.mock_calls, a.called_twice, a.unknown_rows), (n, 0, 0), "{a:?}");
+    println!(
+        "lost answers: {} COMMITs cut after they passed; {a:?}",
+        pg.commits_lost()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_finishes_the_jobs_in_hand_and_exits_0_and_a_second_signal_stops_at_once() {
     let _serial = SERIAL.lock().await;

@@ -10,7 +10,9 @@
 //!
 //! Settlements are held through a database outage (for an hour at most), not dropped: a call
 //! was made and is recorded once the database answers. A call whose settlement could not be
-//! written stays in hand: it was made, and is never made again.
+//! written stays in hand: it was made, and is never made again. A grant whose round committed
+//! while its answer was lost with the connection is found again and takes the next free slot
+//! before any new grant (ARCHITECTURE.md, "Liveness and takeover").
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{Returned, Worker};
+use crate::store::dispatch::Granted;
 use crate::store::settle::Settlement;
 use crate::store::StoreError;
 
@@ -41,6 +44,9 @@ const MAX_SETTLE: usize = 512;
 /// How long a settlement is held through a database outage before it is given up on (its
 /// replica's takeover then charges the call at its reservation).
 const HOLD: Duration = Duration::from_secs(3600);
+/// How often a replica looks for grants of its own that no task holds, with no failed round to
+/// prompt it (one indexed read).
+const LOST_SWEEP: Duration = Duration::from_secs(60);
 
 /// How long this replica's rounds took, from the statement's start to its answer (the wait for
 /// the dispatch lock included), and what they carried.
@@ -78,6 +84,11 @@ pub async fn run(w: Arc<Worker>, stop_granting: CancellationToken, stop: Cancell
     // replica's in Postgres (calls pending) but in no task. Looked for once the database answers
     // again; no other replica would ever take them (this one is alive).
     let mut maybe_lost = false;
+    // When this replica last looked for lost grants without a failure to prompt it.
+    let mut swept = Instant::now();
+    // Grants found lost, waiting for a slot: each runs before any new grant takes one. They
+    // never wait on the dispatcher itself (it frees the slots of the calls it settles).
+    let mut lost: Vec<Granted> = Vec::new();
     // Calls that came back and are not settled yet, carried from round to round while the
     // database does not answer.
     let mut held: Vec<Returned> = Vec::new();
@@ -85,11 +96,21 @@ pub async fn run(w: Arc<Worker>, stop_granting: CancellationToken, stop: Cancell
         if held.len() < MAX_SETTLE {
             held.extend(w.take_returned(MAX_SETTLE - held.len()));
         }
-        // No grant without the life line: a replica not proven alive may be taken for dead.
-        let granting = !stop_granting.is_cancelled() && w.metrics.health.lifeline();
+        // No call without the life line: a replica not proven alive may be taken for dead.
+        let alive = w.metrics.health.lifeline();
+        let granting = !stop_granting.is_cancelled() && alive;
+        if alive {
+            // Lost grants are granted already: they run in idle slots first, even while stopping.
+            while !lost.is_empty() {
+                let Ok(permit) = w.slots.clone().try_acquire_owned() else {
+                    break;
+                };
+                run_lost(&w, &calls, &mut lost, permit);
+            }
+        }
         // Free slots: those of the returned calls (free once they are settled) and idle ones.
         let mut free: Vec<OwnedSemaphorePermit> = Vec::new();
-        if granting {
+        if granting && lost.is_empty() {
             while held.len() + free.len() < MAX_ASK && free.len() < MAX_FRESH {
                 match w.slots.clone().try_acquire_owned() {
                     Ok(p) => free.push(p),
@@ -109,8 +130,9 @@ pub async fn run(w: Arc<Worker>, stop_granting: CancellationToken, stop: Cancell
             }
             continue;
         }
+        // The slots the settled calls free go to the lost grants first.
         let asked = if granting {
-            (held.len() + free.len()).min(MAX_ASK)
+            (held.len() + free.len()).saturating_sub(lost.len()).min(MAX_ASK)
         } else {
             0
         };
@@ -149,6 +171,12 @@ pub async fn run(w: Arc<Worker>, stop_granting: CancellationToken, stop: Cancell
                         w.metrics.health.set_held(None, Vec::new());
                     }
                 }
+                if alive {
+                    while !lost.is_empty() {
+                        let Some(permit) = free.pop() else { break };
+                        run_lost(&w, &calls, &mut lost, permit);
+                    }
+                }
                 let granted = d.jobs.len();
                 for job in d.jobs {
                     let permit = free.pop().expect("no more grants than slots asked for");
@@ -156,8 +184,18 @@ pub async fn run(w: Arc<Worker>, stop_granting: CancellationToken, stop: Cancell
                     calls.spawn(super::execute::run(w.clone(), job, permit));
                 }
                 drop(free);
+                // Now and then without a failure too: a commit that reached the server only after
+                // the last look would otherwise leave its grants pending for good.
+                if swept.elapsed() >= LOST_SWEEP {
+                    maybe_lost = true;
+                }
                 if std::mem::take(&mut maybe_lost) {
-                    maybe_lost = !recover_lost_grants(&w, &calls).await;
+                    swept = Instant::now();
+                    maybe_lost = !find_lost_grants(&w, &mut lost).await;
+                    if !lost.is_empty() {
+                        // Back to the top at once, where idle slots run them.
+                        continue;
+                    }
                 }
                 if asked > 0 && granted == asked {
                     None
@@ -235,24 +273,29 @@ fn give_up_on_old(w: &Arc<Worker>, held: &mut Vec<Returned>) {
     w.settled(before - held.len());
 }
 
-/// Runs the grants this replica holds in Postgres but in no task (see `maybe_lost`), each in
-/// a slot of its own like any grant. Returns whether the look succeeded.
-async fn recover_lost_grants(w: &Arc<Worker>, calls: &TaskTracker) -> bool {
+/// Looks for the grants this replica holds in Postgres but in no task (see `maybe_lost`) and
+/// queues them in `lost`, each noted in hand. Returns whether the look succeeded.
+async fn find_lost_grants(w: &Arc<Worker>, lost: &mut Vec<Granted>) -> bool {
     let in_hand = w.in_hand();
-    let lost = match crate::store::dispatch::lost_grants(&w.pool, w.replica(), &in_hand).await {
-        Ok(lost) => lost,
+    match crate::store::dispatch::lost_grants(&w.pool, w.replica(), &in_hand).await {
+        Ok(found) => {
+            for job in found {
+                tracing::warn!(job = %job.id, "a grant's answer was lost with the database connection; running it");
+                w.hold(job.call_id);
+                lost.push(job);
+            }
+            true
+        }
         Err(e) => {
             tracing::debug!(error = %e, "cannot look for grants lost with a connection yet");
-            return false;
+            false
         }
-    };
-    for job in lost {
-        tracing::warn!(job = %job.id, "a grant's answer was lost with the database connection; running it now");
-        let Ok(permit) = w.slots.clone().acquire_owned().await else {
-            return true;
-        };
-        w.hold(job.call_id);
+    }
+}
+
+/// Runs the next lost grant in `permit`'s slot.
+fn run_lost(w: &Arc<Worker>, calls: &TaskTracker, lost: &mut Vec<Granted>, permit: OwnedSemaphorePermit) {
+    if let Some(job) = lost.pop() {
         calls.spawn(super::execute::run(w.clone(), job, permit));
     }
-    true
 }

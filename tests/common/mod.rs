@@ -255,17 +255,19 @@ impl TestEnv {
 
     /// Waits until every job of `batch` has ended.
     pub async fn wait_batch(&self, batch: &str, timeout: Duration) -> sheepdog::store::report::BatchStatus {
-        let pool = self.pool.clone();
-        let b = batch.to_string();
-        wait_for(timeout, &format!("batch {batch} to finish"), || {
-            let pool = pool.clone();
-            let b = b.clone();
-            async move {
-                let s = sheepdog::store::report::batch_status(&pool, &b).await.unwrap();
-                s.done().then_some(s)
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = sheepdog::store::report::batch_status(&self.pool, batch).await.unwrap();
+            if s.done() {
+                return s;
             }
-        })
-        .await
+            // What was left says where it stuck.
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for batch {batch} to finish: {s:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Runs the real binary with this environment's URLs (a CLI command, as a user would).

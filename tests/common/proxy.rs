@@ -1,9 +1,10 @@
 //! A small TCP fault proxy (this kernel has no netem): put it between sheepdog
 //! and RabbitMQ, Postgres or the upstream to cut live connections, refuse new
-//! ones, or stall the bytes in flight.
+//! ones, stall the bytes in flight, or pass a Postgres COMMIT on and cut the connection before
+//! its answer comes back (the commit happens; the client never learns it).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,6 +16,10 @@ use tokio::task::AbortHandle;
 struct State {
     refuse: AtomicBool,
     stall: AtomicBool,
+    /// How many more COMMITs to pass on with their connection cut after them.
+    lose_commits: AtomicUsize,
+    /// How many were.
+    commits_lost: AtomicUsize,
     conns: Mutex<Vec<AbortHandle>>,
 }
 
@@ -47,8 +52,8 @@ impl Proxy {
                 let s2 = st.clone();
                 let t = tokio::spawn(async move {
                     tokio::select! {
-                        _ = pipe(ri, wo, s1) => {}
-                        _ = pipe(ro, wi, s2) => {}
+                        _ = pipe(ri, wo, s1, true) => {}
+                        _ = pipe(ro, wi, s2, false) => {}
                     }
                 });
                 st.conns.lock().unwrap().push(t.abort_handle());
@@ -74,6 +79,18 @@ impl Proxy {
     pub fn set_stall(&self, stall: bool) {
         self.state.stall.store(stall, Ordering::SeqCst);
     }
+
+    /// Passes the next `n` COMMITs (a Postgres simple query, in plain text: the client must
+    /// not use TLS) on to the server and cuts each one's connection right after it: the
+    /// transaction commits, its answer is lost.
+    pub fn lose_commit_answers(&self, n: usize) {
+        self.state.lose_commits.store(n, Ordering::SeqCst);
+    }
+
+    /// How many COMMITs had their answers lost so far.
+    pub fn commits_lost(&self) -> usize {
+        self.state.commits_lost.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for Proxy {
@@ -83,7 +100,15 @@ impl Drop for Proxy {
     }
 }
 
-async fn pipe(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, st: Arc<State>) {
+/// A Postgres simple query `COMMIT`: type, length 11, the text and its NUL.
+const COMMIT: &[u8] = b"Q\0\0\0\x0bCOMMIT\0";
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    st: Arc<State>,
+    to_server: bool,
+) {
     let mut buf = vec![0u8; 32 * 1024];
     loop {
         let n = match from.read(&mut buf).await {
@@ -93,7 +118,19 @@ async fn pipe(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp:
         while st.stall.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        let lose = to_server
+            && buf[..n].windows(COMMIT.len()).any(|w| w == COMMIT)
+            && st
+                .lose_commits
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |k| k.checked_sub(1))
+                .is_ok();
         if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+        if lose {
+            // The server has the COMMIT; both directions close before its answer is relayed.
+            let _ = to.flush().await;
+            st.commits_lost.fetch_add(1, Ordering::SeqCst);
             return;
         }
     }
