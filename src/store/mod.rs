@@ -170,10 +170,19 @@ pub async fn explain_unavailable(opts: &PgConnectOptions, e: &StoreError) -> Sto
     }
 }
 
-/// Connections a replica's pool holds at most, whatever its concurrency: its rounds of settle
-/// and dispatch (one at a time), admissions (two statements at a time), the outbox, the upkeep
-/// and the gauges. With its life line, a replica holds at most `REPLICA_POOL + 1` connections.
-pub const REPLICA_POOL: u32 = 6;
+/// Connections a replica's pool holds at most, whatever its concurrency: admissions (two
+/// statements at a time), the outbox, the upkeep and the gauges. With the connection of its
+/// rounds ([`round_pool`]) and its life line, a replica holds at most `REPLICA_POOL + 2`.
+pub const REPLICA_POOL: u32 = 5;
+
+/// The pool of a replica's rounds of settle and dispatch: one connection (a round at a time),
+/// opened on first use by the runtime that uses it (the dispatcher's own).
+pub fn round_pool(opts: &PgConnectOptions) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_lazy_with(opts.clone())
+}
 
 /// Opens a pool to the sheepdog database, creating the database if it is missing. A process
 /// talks to Postgres one way: `transaction_pooler` (a pooler in transaction mode in front) holds

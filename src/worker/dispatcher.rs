@@ -1,5 +1,6 @@
 //! The dispatcher: settles the calls that came back and fills this replica's free slots with
-//! the jobs dispatch grants it, both in one transaction per round.
+//! the jobs dispatch grants it, both in one transaction per round. It runs on a thread and a
+//! connection of its own ([`spawn`]): a round holds the lock every replica's round waits for.
 //!
 //! A round takes every call that came back (with its slot) and every slot free at that moment,
 //! and asks `store::dispatch::settle_and_dispatch` to settle the first and fill the second: one
@@ -17,9 +18,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use sqlx::PgPool;
+use tokio::runtime::Handle;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use super::{Returned, Worker};
 use crate::store::dispatch::Granted;
@@ -75,8 +79,76 @@ impl RoundStats {
     }
 }
 
-/// Runs rounds until `stop` (granting ends at `stop_granting`; settling goes on until `stop`).
-pub async fn run(w: Arc<Worker>, stop_granting: CancellationToken, stop: CancellationToken, calls: TaskTracker) {
+/// Starts the dispatcher on a thread of its own, with a runtime and a connection of its own
+/// (`store::round_pool`). Its rounds hold the dispatch lock every replica waits for; a round's
+/// next step must not wait for its turn behind this replica's calls (thousands of tasks on two
+/// cores) while the lock is held. The calls it grants run on `calls`'s runtime, the caller's.
+/// The returned task ends when the dispatcher does; aborting it stops the dispatcher.
+pub fn spawn(
+    w: Arc<Worker>,
+    stop_granting: CancellationToken,
+    stop: CancellationToken,
+    calls: TaskTracker,
+) -> tokio::task::JoinHandle<()> {
+    let main = tokio::runtime::Handle::current();
+    let span = tracing::Span::current();
+    let own = tokio::runtime::Builder::new_current_thread().enable_all().build();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let (abort_tx, abort_rx) = tokio::sync::oneshot::channel::<()>();
+    let rounds = {
+        let (w, stop_granting, stop, calls, main) = (
+            w.clone(),
+            stop_granting.clone(),
+            stop.clone(),
+            calls.clone(),
+            main.clone(),
+        );
+        move |pool: PgPool| run(w, pool, main, stop_granting, stop, calls).instrument(span)
+    };
+    let opts = w.db_options.clone();
+    let thread = match own {
+        Ok(own) => std::thread::Builder::new()
+            .name("sheepdog-dispatch".into())
+            .spawn(move || {
+                own.block_on(async move {
+                    // Made here, so that its connection's socket is this runtime's.
+                    let pool = crate::store::round_pool(&opts);
+                    tokio::select! {
+                        _ = rounds(pool.clone()) => {}
+                        _ = abort_rx => {}
+                    }
+                    // Its connection says goodbye rather than vanishing (bounded: the server may be gone).
+                    let _ = tokio::time::timeout(Duration::from_secs(2), pool.close()).await;
+                });
+                let _ = done_tx.send(());
+            })
+            .map_err(anyhow::Error::from),
+        Err(e) => Err(anyhow::Error::from(e)),
+    };
+    match thread {
+        Ok(_) => tokio::spawn(async move {
+            // Dropped when this task is aborted: the dispatcher's thread then ends.
+            let _abort = abort_tx;
+            let _ = done_rx.await;
+        }),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot give the dispatcher a thread of its own; it shares the worker's");
+            let pool = w.pool.clone();
+            tokio::spawn(run(w, pool, main, stop_granting, stop, calls))
+        }
+    }
+}
+
+/// Runs rounds on `pool` until `stop` (granting ends at `stop_granting`; settling goes on until
+/// `stop`); the calls granted run on `main`.
+async fn run(
+    w: Arc<Worker>,
+    pool: PgPool,
+    main: Handle,
+    stop_granting: CancellationToken,
+    stop: CancellationToken,
+    calls: TaskTracker,
+) {
     // Waits after a failed round: the retry policy's database schedule, reset by a round that went.
     let mut failures = crate::retry::database();
     let mut idle = true;
@@ -105,7 +177,7 @@ pub async fn run(w: Arc<Worker>, stop_granting: CancellationToken, stop: Cancell
                 let Ok(permit) = w.slots.clone().try_acquire_owned() else {
                     break;
                 };
-                run_lost(&w, &calls, &mut lost, permit);
+                run_lost(&w, &calls, &main, &mut lost, permit);
             }
         }
         // Free slots: those of the returned calls (free once they are settled) and idle ones.
@@ -138,15 +210,9 @@ pub async fn run(w: Arc<Worker>, stop_granting: CancellationToken, stop: Cancell
         };
         let settlements: Vec<Settlement> = held.iter().map(|r| r.settlement.clone()).collect();
         let started = Instant::now();
-        let round = crate::store::dispatch::settle_and_dispatch(
-            &w.pool,
-            &settlements,
-            w.replica(),
-            asked,
-            w.probe_lease(),
-            idle,
-        )
-        .await;
+        let round =
+            crate::store::dispatch::settle_and_dispatch(&pool, &settlements, w.replica(), asked, w.probe_lease(), idle)
+                .await;
         let wait = match round {
             Ok(d) => {
                 w.rounds
@@ -174,14 +240,14 @@ pub async fn run(w: Arc<Worker>, stop_granting: CancellationToken, stop: Cancell
                 if alive {
                     while !lost.is_empty() {
                         let Some(permit) = free.pop() else { break };
-                        run_lost(&w, &calls, &mut lost, permit);
+                        run_lost(&w, &calls, &main, &mut lost, permit);
                     }
                 }
                 let granted = d.jobs.len();
                 for job in d.jobs {
                     let permit = free.pop().expect("no more grants than slots asked for");
                     w.hold(job.call_id);
-                    calls.spawn(super::execute::run(w.clone(), job, permit));
+                    calls.spawn_on(super::execute::run(w.clone(), job, permit), &main);
                 }
                 drop(free);
                 // Now and then without a failure too: a commit that reached the server only after
@@ -191,7 +257,7 @@ pub async fn run(w: Arc<Worker>, stop_granting: CancellationToken, stop: Cancell
                 }
                 if std::mem::take(&mut maybe_lost) {
                     swept = Instant::now();
-                    maybe_lost = !find_lost_grants(&w, &mut lost).await;
+                    maybe_lost = !find_lost_grants(&w, &pool, &mut lost).await;
                     if !lost.is_empty() {
                         // Back to the top at once, where idle slots run them.
                         continue;
@@ -214,7 +280,7 @@ pub async fn run(w: Arc<Worker>, stop_granting: CancellationToken, stop: Cancell
                     if !held.is_empty() {
                         // A statement refused: settle the calls one at a time, so one bad row
                         // cannot hold the others back.
-                        settle_one_by_one(&w, &mut held).await;
+                        settle_one_by_one(&w, &pool, &mut held).await;
                     }
                 } else if !held.is_empty() {
                     tracing::warn!(calls = held.len(), error = %e, "cannot record results yet; holding them");
@@ -240,11 +306,11 @@ pub async fn run(w: Arc<Worker>, stop_granting: CancellationToken, stop: Cancell
 /// Settles the held calls each in a round of its own (asking for no job). A settlement the
 /// database refuses is given up on: its call stays in hand (it was made; it is never made again)
 /// and its replica's takeover charges it at its reservation.
-async fn settle_one_by_one(w: &Arc<Worker>, held: &mut Vec<Returned>) {
+async fn settle_one_by_one(w: &Arc<Worker>, pool: &PgPool, held: &mut Vec<Returned>) {
     let mut kept = Vec::new();
     for r in held.drain(..) {
         let one = std::slice::from_ref(&r.settlement);
-        match crate::store::dispatch::settle_and_dispatch(&w.pool, one, w.replica(), 0, w.probe_lease(), true).await {
+        match crate::store::dispatch::settle_and_dispatch(pool, one, w.replica(), 0, w.probe_lease(), true).await {
             Ok(_) => {
                 w.release(r.settlement.call_id);
                 super::execute::log_and_count(w, &r.settlement);
@@ -275,9 +341,9 @@ fn give_up_on_old(w: &Arc<Worker>, held: &mut Vec<Returned>) {
 
 /// Looks for the grants this replica holds in Postgres but in no task (see `maybe_lost`) and
 /// queues them in `lost`, each noted in hand. Returns whether the look succeeded.
-async fn find_lost_grants(w: &Arc<Worker>, lost: &mut Vec<Granted>) -> bool {
+async fn find_lost_grants(w: &Arc<Worker>, pool: &PgPool, lost: &mut Vec<Granted>) -> bool {
     let in_hand = w.in_hand();
-    match crate::store::dispatch::lost_grants(&w.pool, w.replica(), &in_hand).await {
+    match crate::store::dispatch::lost_grants(pool, w.replica(), &in_hand).await {
         Ok(found) => {
             for job in found {
                 tracing::warn!(job = %job.id, "a grant's answer was lost with the database connection; running it");
@@ -294,8 +360,14 @@ async fn find_lost_grants(w: &Arc<Worker>, lost: &mut Vec<Granted>) -> bool {
 }
 
 /// Runs the next lost grant in `permit`'s slot.
-fn run_lost(w: &Arc<Worker>, calls: &TaskTracker, lost: &mut Vec<Granted>, permit: OwnedSemaphorePermit) {
+fn run_lost(
+    w: &Arc<Worker>,
+    calls: &TaskTracker,
+    main: &Handle,
+    lost: &mut Vec<Granted>,
+    permit: OwnedSemaphorePermit,
+) {
     if let Some(job) = lost.pop() {
-        calls.spawn(super::execute::run(w.clone(), job, permit));
+        calls.spawn_on(super::execute::run(w.clone(), job, permit), main);
     }
 }

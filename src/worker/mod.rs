@@ -169,12 +169,12 @@ impl Worker {
         let intake = tokio::spawn(intake::run(self.clone(), stop_intake.clone()));
         let outbox = tokio::spawn(outbox::run(self.clone(), stop_background.clone()));
         let queues = tokio::spawn(outbox::queue_gauges(self.clone(), stop_background.clone()));
-        let dispatch = tokio::spawn(dispatcher::run(
+        let dispatch = dispatcher::spawn(
             self.clone(),
             stop_granting.clone(),
             stop_dispatch.clone(),
             calls.clone(),
-        ));
+        );
 
         shutdown.cancelled().await;
         tracing::info!(
