@@ -331,11 +331,7 @@ async fn with_the_database_unreachable_the_page_says_so_and_recovers() {
     let env = TestEnv::new(mock(1, 2)).await;
     env.enqueue_lines("steady", &lines(10, "steady")).await;
     let pg = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
-    let via = SecretString::from(
-        env.db_url
-            .expose_secret()
-            .replace("127.0.0.1:5432", &pg.addr.to_string()),
-    );
+    let via = pg.carry(&env.db_url);
     let dash = Dashboard::start(&env, &via, None).await;
     let browser = Browser::start().await;
     browser.client.goto(&dash.url("/")).await.unwrap();

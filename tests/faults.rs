@@ -12,8 +12,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::proxy::Proxy;
-use common::{job_line, wait_for, TestEnv, WorkerProcess};
-use secrecy::{ExposeSecret, SecretString};
+use common::{job_line, mock_latency, wait_for, TestEnv, WorkerProcess};
+use secrecy::ExposeSecret;
 use serde_json::Value;
 use sheepdog::upstream::mock::MockConfig;
 
@@ -128,21 +128,10 @@ async fn three_replicas_through_kill_9_a_broker_restart_and_a_database_restart()
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cut_connections_to_rabbitmq_and_postgres_are_survived() {
     let _serial = SERIAL.lock().await;
-    let env = TestEnv::new(MockConfig {
-        latency_ms_min: 100,
-        latency_ms_max: 200,
-        ..Default::default()
-    })
-    .await;
+    let env = TestEnv::new(mock_latency(100, 200)).await;
     let amqp = Proxy::start("127.0.0.1:5672".parse::<SocketAddr>().unwrap()).await;
     let pg = Proxy::start("127.0.0.1:5432".parse::<SocketAddr>().unwrap()).await;
-    let via = |url: &SecretString, port: u16, proxy: &Proxy| {
-        SecretString::from(
-            url.expose_secret()
-                .replace(&format!("127.0.0.1:{port}"), &proxy.addr.to_string()),
-        )
-    };
-    let (db_url, amqp_url) = (via(&env.db_url, 5432, &pg), via(&env.amqp_url, 5672, &amqp));
+    let (db_url, amqp_url) = (pg.carry(&env.db_url), amqp.carry(&env.amqp_url));
     let n = 400;
     env.enqueue_lines("cut", &lines(n, "x")).await;
     let mut args = env.worker_args();
@@ -191,20 +180,10 @@ async fn cut_connections_to_rabbitmq_and_postgres_are_survived() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn grants_whose_commit_answer_was_lost_run_once_and_the_batch_ends() {
     let _serial = SERIAL.lock().await;
-    let env = TestEnv::new(MockConfig {
-        latency_ms_min: 100,
-        latency_ms_max: 200,
-        ..Default::default()
-    })
-    .await;
+    let env = TestEnv::new(mock_latency(100, 200)).await;
     let pg = Proxy::start("127.0.0.1:5432".parse::<SocketAddr>().unwrap()).await;
     // The proxy reads the protocol to find the COMMITs: this worker talks to Postgres in plain text.
-    let db_url = format!(
-        "{}?sslmode=disable",
-        env.db_url
-            .expose_secret()
-            .replace("127.0.0.1:5432", &pg.addr.to_string())
-    );
+    let db_url = format!("{}?sslmode=disable", pg.carry(&env.db_url).expose_secret());
     let n = 400;
     env.enqueue_lines("lost", &lines(n, "l")).await;
     let extra = [("SHEEPDOG_CONCURRENCY", "8".to_string()), ("DATABASE_URL", db_url)];

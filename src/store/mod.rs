@@ -178,10 +178,14 @@ pub const REPLICA_POOL: u32 = 5;
 /// The pool of a replica's rounds of settle and dispatch: one connection (a round at a time),
 /// opened on first use by the runtime that uses it (the dispatcher's own).
 pub fn round_pool(opts: &PgConnectOptions) -> PgPool {
+    pool_options(1).connect_lazy_with(opts.clone())
+}
+
+/// sheepdog's pools: at most `max_connections`, and a wait for one bounded at 30 s.
+fn pool_options(max_connections: u32) -> PgPoolOptions {
     PgPoolOptions::new()
-        .max_connections(1)
+        .max_connections(max_connections.max(1))
         .acquire_timeout(Duration::from_secs(30))
-        .connect_lazy_with(opts.clone())
 }
 
 /// Opens a pool to the sheepdog database, creating the database if it is missing. A process
@@ -191,11 +195,6 @@ pub async fn connect(url: &SecretString, max_connections: u32, transaction_poole
     sql::set_transaction_pooler(transaction_pooler);
     let shown = redact_url(url.expose_secret());
     let opts = connect_options(url)?;
-    let pool_opts = || {
-        PgPoolOptions::new()
-            .max_connections(max_connections.max(1))
-            .acquire_timeout(Duration::from_secs(30))
-    };
     // One connection first: a pool retries a refused connection until its timeout and then
     // says only that it timed out, where this says what Postgres answered.
     let first = match tokio::time::timeout(Duration::from_secs(30), sqlx::PgConnection::connect_with(&opts)).await {
@@ -212,7 +211,7 @@ pub async fn connect(url: &SecretString, max_connections: u32, transaction_poole
         }
         Err(e) => return Err(unreachable_db(&shown, &e, url)),
     }
-    pool_opts()
+    pool_options(max_connections)
         .connect_with(opts)
         .await
         .map_err(|e| unreachable_db(&shown, &e, url))

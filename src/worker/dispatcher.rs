@@ -95,17 +95,11 @@ pub fn spawn(
     let own = tokio::runtime::Builder::new_current_thread().enable_all().build();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     let (abort_tx, abort_rx) = tokio::sync::oneshot::channel::<()>();
-    let rounds = {
-        let (w, stop_granting, stop, calls, main) = (
-            w.clone(),
-            stop_granting.clone(),
-            stop.clone(),
-            calls.clone(),
-            main.clone(),
-        );
-        move |pool: PgPool| run(w, pool, main, stop_granting, stop, calls).instrument(span)
-    };
     let opts = w.db_options.clone();
+    let shared = w.pool.clone();
+    let rounds = move |pool: PgPool| run(w, pool, main, stop_granting, stop, calls).instrument(span);
+    // Kept for the worker's own runtime, should no thread be had.
+    let fallback = rounds.clone();
     let thread = match own {
         Ok(own) => std::thread::Builder::new()
             .name("sheepdog-dispatch".into())
@@ -133,8 +127,7 @@ pub fn spawn(
         }),
         Err(e) => {
             tracing::warn!(error = %e, "cannot give the dispatcher a thread of its own; it shares the worker's");
-            let pool = w.pool.clone();
-            tokio::spawn(run(w, pool, main, stop_granting, stop, calls))
+            tokio::spawn(fallback(shared))
         }
     }
 }

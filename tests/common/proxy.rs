@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use secrecy::{ExposeSecret, SecretString};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
@@ -25,6 +26,7 @@ struct State {
 
 pub struct Proxy {
     pub addr: SocketAddr,
+    target: SocketAddr,
     state: Arc<State>,
     accept: AbortHandle,
 }
@@ -60,7 +62,20 @@ impl Proxy {
             }
         })
         .abort_handle();
-        Proxy { addr, state, accept }
+        Proxy {
+            addr,
+            target,
+            state,
+            accept,
+        }
+    }
+
+    /// `url` with its target's address replaced by the proxy's: its connections go through here.
+    pub fn carry(&self, url: &SecretString) -> SecretString {
+        SecretString::from(
+            url.expose_secret()
+                .replace(&self.target.to_string(), &self.addr.to_string()),
+        )
     }
 
     /// Drops every live connection at once, both ways (like a network cut).
