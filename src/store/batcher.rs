@@ -10,8 +10,10 @@
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::time::Instant;
 
 use super::StoreError;
 use crate::job::JobId;
@@ -34,14 +36,23 @@ where
 {
     /// Starts the batching task. `exec` runs one statement for a batch and
     /// returns one response per request, in order. At most `parallel` batches
-    /// run at once; requests arriving meanwhile form the next batch.
-    pub fn new<F, Fut>(max_batch: usize, parallel: usize, exec: F) -> Self
+    /// run at once; requests arriving meanwhile form the next batch. A batch of
+    /// fewer than `fill` requests waits for more until its oldest request is
+    /// `linger` old: requests that trickle in (a replica of many, each sent a
+    /// share of the deliveries) ride together instead of a commit each.
+    pub fn new<F, Fut>(max_batch: usize, parallel: usize, fill: usize, linger: Duration, exec: F) -> Self
     where
         F: Fn(Vec<Req>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<Resp>, StoreError>> + Send + 'static,
     {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(rx, max_batch.max(1), parallel.max(1), Arc::new(exec)));
+        let shape = Shape {
+            max_batch: max_batch.max(1),
+            parallel: parallel.max(1),
+            fill: fill.min(max_batch),
+            linger,
+        };
+        tokio::spawn(run(rx, shape, Arc::new(exec)));
         Batcher { tx }
     }
 
@@ -55,25 +66,38 @@ where
     }
 }
 
-async fn run<Req, Resp, F, Fut>(
-    mut rx: mpsc::UnboundedReceiver<(Req, Reply<Resp>)>,
+/// How batches are formed (see `Batcher::new`).
+struct Shape {
     max_batch: usize,
     parallel: usize,
-    exec: Arc<F>,
-) where
+    fill: usize,
+    linger: Duration,
+}
+
+async fn run<Req, Resp, F, Fut>(mut rx: mpsc::UnboundedReceiver<(Req, Reply<Resp>)>, shape: Shape, exec: Arc<F>)
+where
     Req: Keyed + Clone + Send + Sync + 'static,
     Resp: Send + 'static,
     F: Fn(Vec<Req>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<Vec<Resp>, StoreError>> + Send + 'static,
 {
+    let Shape {
+        max_batch,
+        parallel,
+        fill,
+        linger,
+    } = shape;
     let slots = Arc::new(Semaphore::new(parallel));
     let mut carry: VecDeque<(Req, Reply<Resp>)> = VecDeque::new();
+    // When the oldest request waiting arrived.
+    let mut oldest = Instant::now();
     loop {
         if carry.is_empty() {
             match rx.recv().await {
                 Some(item) => carry.push_back(item),
                 None => return,
             }
+            oldest = Instant::now();
         }
         // Wait for a free slot first: requests pile up meanwhile and ride together.
         let Ok(permit) = slots.clone().acquire_owned().await else {
@@ -81,6 +105,13 @@ async fn run<Req, Resp, F, Fut>(
         };
         while let Ok(item) = rx.try_recv() {
             carry.push_back(item);
+        }
+        // A small batch waits a little for more, never past its oldest request's linger.
+        while carry.len() < fill {
+            match tokio::time::timeout_at(oldest + linger, rx.recv()).await {
+                Ok(Some(item)) => carry.push_back(item),
+                Ok(None) | Err(_) => break,
+            }
         }
         let mut batch = Vec::with_capacity(max_batch.min(carry.len()));
         let mut keys: HashSet<JobId> = HashSet::new();
