@@ -67,6 +67,8 @@ pub struct Dispatched {
     pub lanes_blocked: Vec<Blocked>,
     /// When waiting jobs may fit again.
     pub retry_in: Option<Duration>,
+    /// How long the view took to answer, the wait for the dispatch lock included.
+    pub view_took: Duration,
 }
 
 /// A scope as `sheepdog.dispatch_view` gives it (numbers as text: exact).
@@ -164,6 +166,21 @@ pub async fn settle_and_dispatch(
     probe_lease: Duration,
     look_first: bool,
 ) -> Result<Dispatched, StoreError> {
+    begin_round(pool, settlements)
+        .await?
+        .dispatch(replica, slots, probe_lease, look_first)
+        .await
+}
+
+/// A replica's round, begun: its calls settled, nothing granted yet. [`settle_and_dispatch`] is
+/// these steps in one; a replica that waits long for the lock takes it first with
+/// [`Round::wait_for_lock`], and then asks for the slots its calls freed while it waited.
+pub struct Round {
+    tx: Transaction<'static, Postgres>,
+}
+
+/// Begins a round and settles `settlements` in it (see [`settle_and_dispatch`]).
+pub async fn begin_round(pool: &PgPool, settlements: &[Settlement]) -> Result<Round, StoreError> {
     let mut tx = pool.begin().await?;
     if !settlements.is_empty() {
         if settlements.iter().any(|s| s.shared) {
@@ -171,30 +188,53 @@ pub async fn settle_and_dispatch(
         }
         super::settle::settle(&mut tx, settlements).await?;
     }
-    if slots == 0 || (look_first && !anything_due(&mut tx).await?) {
-        tx.commit().await?;
-        return Ok(Dispatched {
-            idle: true,
-            ..Default::default()
-        });
+    Ok(Round { tx })
+}
+
+impl Round {
+    /// Takes the dispatch lock now, waiting for it; returns how long that took. The grant
+    /// takes it again, which changes nothing.
+    pub async fn wait_for_lock(&mut self) -> Result<Duration, StoreError> {
+        let started = std::time::Instant::now();
+        lock(&mut self.tx).await?;
+        Ok(started.elapsed())
     }
-    // `grant` takes the lock (a second time when settling took it: harmless, both are released
-    // at commit) and reads everything in statements after the lock's: their snapshots see every
-    // dispatch that committed before this one got it.
-    let d = grant(&mut tx, replica, slots, probe_lease).await?;
-    match d {
-        Some(d) => {
+
+    /// Takes up to `slots` jobs for `replica` and commits the round (see
+    /// [`settle_and_dispatch`]).
+    pub async fn dispatch(
+        self,
+        replica: i64,
+        slots: usize,
+        probe_lease: Duration,
+        look_first: bool,
+    ) -> Result<Dispatched, StoreError> {
+        let mut tx = self.tx;
+        if slots == 0 || (look_first && !anything_due(&mut tx).await?) {
             tx.commit().await?;
-            Ok(d)
-        }
-        None => {
-            // A planned job was gone when claimed (its batch expired meanwhile): nothing of this
-            // plan is kept; the next round plans again.
-            tx.rollback().await?;
-            Ok(Dispatched {
-                retry_in: Some(Duration::from_millis(5)),
+            return Ok(Dispatched {
+                idle: true,
                 ..Default::default()
-            })
+            });
+        }
+        // `grant` takes the lock (a second time when settling took it: harmless, both are
+        // released at commit) and reads everything in statements after the lock's: their
+        // snapshots see every dispatch that committed before this one got it.
+        let d = grant(&mut tx, replica, slots, probe_lease).await?;
+        match d {
+            Some(d) => {
+                tx.commit().await?;
+                Ok(d)
+            }
+            None => {
+                // A planned job was gone when claimed (its batch expired meanwhile): nothing of
+                // this plan is kept; the next round plans again.
+                tx.rollback().await?;
+                Ok(Dispatched {
+                    retry_in: Some(Duration::from_millis(5)),
+                    ..Default::default()
+                })
+            }
         }
     }
 }
@@ -244,6 +284,7 @@ async fn grant(
     // faster than ANALYZE follows. Planned from "a few rows", a lane's first jobs were read by
     // fetching the whole lane and sorting it (13,000 rows for 124 in the benchmark). The view
     // turns sorts and bitmap scans off for the rest of the transaction.
+    let asked_at = std::time::Instant::now();
     let View {
         now,
         vclock,
@@ -254,6 +295,7 @@ async fn grant(
         breakers,
         candidates: first_jobs,
     } = view(tx, slots).await?;
+    let view_took = asked_at.elapsed();
     let (mut global, burst) = scope_of(global);
     let mut lanes: Vec<String> = pairs.iter().map(|p| p.model.clone()).collect();
     lanes.dedup();
@@ -296,6 +338,7 @@ async fn grant(
         blocked: plan.blocked,
         lanes_blocked: plan.lanes_blocked,
         retry_in: plan.retry_in,
+        view_took,
     }))
 }
 

@@ -276,7 +276,10 @@ impl Worker {
 /// A call that came back: its settlement and its slot.
 pub(crate) struct Returned {
     pub settlement: Settlement,
-    pub slot: OwnedSemaphorePermit,
+    /// Its slot, until the dispatcher gives it to a grant: when the settling round is done, or
+    /// earlier when a round that waited for the dispatch lock takes it (the call is settled in
+    /// the next round then).
+    pub slot: Option<OwnedSemaphorePermit>,
     /// When it came back (a settlement is held through a database outage for an hour at most).
     pub since: std::time::Instant,
 }
@@ -287,7 +290,7 @@ impl Worker {
         self.unsettled.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.returned.lock().unwrap_or_else(|e| e.into_inner()).push(Returned {
             settlement,
-            slot,
+            slot: Some(slot),
             since: std::time::Instant::now(),
         });
         self.wake_dispatcher();
