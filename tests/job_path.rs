@@ -447,3 +447,93 @@ async fn connections_use_small_frames_and_a_job_larger_than_many_frames_goes_thr
     let expected = sheepdog::tokens::prompt_tokens(body.as_object().unwrap());
     assert_eq!(calls[0].prompt_tokens, expected, "the upstream saw the whole prompt");
 }
+
+/// A round whose plan cannot be claimed (a planned job's backlog row gone, as when its batch's
+/// window ends between the round's read and its claim) is rolled back, and the calls it was
+/// settling went with it: they must still be recorded, or they stay `pending` and the replica,
+/// which counts them as settled, finds them as lost grants and makes them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_whose_claim_fails_still_records_the_calls_it_settled() {
+    use sheepdog::job::JobId;
+    use sheepdog::store::intake::{admit, Admission};
+    use sheepdog::store::settle::{CallOutcome, JobFate, Settlement};
+
+    let env = TestEnv::new(MockConfig::default()).await;
+    let pool = &env.pool;
+    let batch = "claim-fails";
+    let admissions = ["first", "second"]
+        .iter()
+        .map(|c| Admission {
+            id: JobId {
+                batch_id: batch.into(),
+                custom_id: (*c).into(),
+            },
+            model: "gpt-4o-mini".into(),
+            metadata: None,
+            request: br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#.to_vec(),
+            reserve_tokens: 100,
+            reserve_cost_usd: Decimal::new(1, 4),
+        })
+        .collect();
+    admit(pool, admissions).await.expect("admit");
+    let lease = Duration::from_secs(30);
+    // The first job goes out on a call of replica 1.
+    let first = sheepdog::store::dispatch::settle_and_dispatch(pool, &[], 1, 1, lease, false)
+        .await
+        .expect("first round");
+    assert_eq!(first.jobs.len(), 1, "one job granted");
+    let call = &first.jobs[0];
+    assert_eq!(call.id.custom_id, "first");
+    // The second job's backlog row will be gone when the next round claims it.
+    for statement in [
+        "CREATE FUNCTION sheepdog.test_keep_backlog() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN RETURN NULL; END $$",
+        "CREATE TRIGGER keep BEFORE DELETE ON sheepdog.backlog
+             FOR EACH ROW EXECUTE FUNCTION sheepdog.test_keep_backlog()",
+    ] {
+        sqlx::query(statement).execute(pool).await.expect("trigger");
+    }
+    let answered = Settlement {
+        id: call.id.clone(),
+        model: call.model.clone(),
+        call_id: call.call_id,
+        attempt: call.attempt,
+        shared: call.shared,
+        outcome: CallOutcome::Ok,
+        status_code: Some(200),
+        prompt_tokens: Some(10),
+        completion_tokens: Some(5),
+        cached_tokens: Some(0),
+        cache_write_tokens: None,
+        reasoning_tokens: None,
+        cost_usd: Decimal::new(45, 7),
+        error: None,
+        upstream_request_id: Some("req-1".into()),
+        latency_ms: Some(12),
+        response: Some(r#"{"choices":[]}"#.into()),
+        fate: JobFate::Succeeded,
+    };
+    let round =
+        sheepdog::store::dispatch::settle_and_dispatch(pool, std::slice::from_ref(&answered), 1, 1, lease, false)
+            .await
+            .expect("second round");
+    assert!(round.jobs.is_empty(), "the second job could not be claimed");
+    let (outcome, status): (String, String) = sqlx::query_as(
+        "SELECT c.outcome, r.status FROM sheepdog.calls c
+           JOIN sheepdog.job_results r ON r.batch_id = c.batch_id AND r.custom_id = c.custom_id
+          WHERE c.batch_id = $1 AND c.custom_id = 'first'",
+    )
+    .bind(batch)
+    .fetch_one(pool)
+    .await
+    .expect("the call's row");
+    assert_eq!(
+        (outcome.as_str(), status.as_str()),
+        ("ok", "succeeded"),
+        "the settled call is recorded"
+    );
+    let lost = sheepdog::store::dispatch::lost_grants(pool, 1, &[])
+        .await
+        .expect("lost grants");
+    assert!(lost.is_empty(), "no call is left to be made again: {:?}", lost.len());
+}

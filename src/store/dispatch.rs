@@ -175,12 +175,24 @@ pub async fn settle_and_dispatch(
 /// A replica's round, begun: its calls settled, nothing granted yet. [`settle_and_dispatch`] is
 /// these steps in one; a replica that waits long for the lock takes it first with
 /// [`Round::wait_for_lock`], and then asks for the slots its calls freed while it waited.
-pub struct Round {
+pub struct Round<'s> {
     tx: Transaction<'static, Postgres>,
+    pool: PgPool,
+    settlements: &'s [Settlement],
 }
 
 /// Begins a round and settles `settlements` in it (see [`settle_and_dispatch`]).
-pub async fn begin_round(pool: &PgPool, settlements: &[Settlement]) -> Result<Round, StoreError> {
+pub async fn begin_round<'s>(pool: &PgPool, settlements: &'s [Settlement]) -> Result<Round<'s>, StoreError> {
+    Ok(Round {
+        tx: settled(pool, settlements).await?,
+        pool: pool.clone(),
+        settlements,
+    })
+}
+
+/// A transaction with `settlements` settled in it, the lock taken first when they hold shared
+/// reservations.
+async fn settled(pool: &PgPool, settlements: &[Settlement]) -> Result<Transaction<'static, Postgres>, StoreError> {
     let mut tx = pool.begin().await?;
     if !settlements.is_empty() {
         if settlements.iter().any(|s| s.shared) {
@@ -188,10 +200,10 @@ pub async fn begin_round(pool: &PgPool, settlements: &[Settlement]) -> Result<Ro
         }
         super::settle::settle(&mut tx, settlements).await?;
     }
-    Ok(Round { tx })
+    Ok(tx)
 }
 
-impl Round {
+impl Round<'_> {
     /// Takes the dispatch lock now, waiting for it; returns how long that took. The grant
     /// takes it again, which changes nothing.
     pub async fn wait_for_lock(&mut self) -> Result<Duration, StoreError> {
@@ -228,8 +240,13 @@ impl Round {
             }
             None => {
                 // A planned job was gone when claimed (its batch expired meanwhile): nothing of
-                // this plan is kept; the next round plans again.
+                // this plan is kept; the next round plans again. The settlements went with it,
+                // and the caller takes them as recorded (a call left `pending` would be found as
+                // a lost grant and made again): they are recorded now, on their own.
                 tx.rollback().await?;
+                if !self.settlements.is_empty() {
+                    settled(&self.pool, self.settlements).await?.commit().await?;
+                }
                 Ok(Dispatched {
                     retry_in: Some(Duration::from_millis(5)),
                     ..Default::default()
