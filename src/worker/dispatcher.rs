@@ -230,37 +230,25 @@ async fn run(
             continue;
         }
         // The slots the settled calls free go to the lost grants first.
-        let mut asked = if granting {
-            (held_slots + free.len()).saturating_sub(lost.len()).min(MAX_ASK)
-        } else {
-            0
-        };
+        let ask = |free: usize| (held_slots + free).saturating_sub(lost.len()).min(MAX_ASK);
+        let mut asked = if granting { ask(free.len()) } else { 0 };
         let settlements: Vec<Settlement> = held.iter().map(|r| r.settlement.clone()).collect();
         let started = Instant::now();
         // Calls that came back while this round waited for the lock: their slots are this
         // round's, their settlements the next round's.
         let mut late: Vec<Returned> = Vec::new();
-        let round = match crate::store::dispatch::begin_round(&pool, &settlements).await {
-            Ok(mut round) => {
-                let mut locked = Ok(());
-                if contended && asked > 0 {
-                    match round.wait_for_lock().await {
-                        Ok(waited) => {
-                            contended = waited >= UNCONTENDED;
-                            late = w.take_returned(MAX_SETTLE.saturating_sub(held.len()));
-                            free.extend(late.iter_mut().filter_map(|r| r.slot.take()));
-                            asked = (held_slots + free.len()).saturating_sub(lost.len()).min(MAX_ASK);
-                        }
-                        Err(e) => locked = Err(e),
-                    }
-                }
-                match locked {
-                    Ok(()) => round.dispatch(w.replica(), asked, w.probe_lease(), idle).await,
-                    Err(e) => Err(e),
-                }
+        let round = async {
+            let mut round = crate::store::dispatch::begin_round(&pool, &settlements).await?;
+            if contended && asked > 0 {
+                let waited = round.wait_for_lock().await?;
+                contended = waited >= UNCONTENDED;
+                late = w.take_returned(MAX_SETTLE.saturating_sub(held.len()));
+                free.extend(late.iter_mut().filter_map(|r| r.slot.take()));
+                asked = ask(free.len());
             }
-            Err(e) => Err(e),
-        };
+            round.dispatch(w.replica(), asked, w.probe_lease(), idle).await
+        }
+        .await;
         let wait = match round {
             Ok(d) => {
                 w.rounds
