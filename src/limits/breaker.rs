@@ -10,7 +10,7 @@
 //! (401/402/403). The state lives in Postgres; dispatch reads it in its own transaction.
 
 use crate::store::sql::{query, query_as, query_scalar, Standalone, StandaloneRun};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -80,12 +80,157 @@ pub async fn read_all(pool: &PgPool) -> Result<Vec<BreakerView>, StoreError> {
         .collect())
 }
 
-/// A replica's recent calls: per model (when, failed), and all of them (when, the failing model
-/// or `*` for an unreachable upstream).
+/// A replica's recent calls: per model (failed or not), and all of them (marked with the failing
+/// model, or `*` for an unreachable upstream).
 #[derive(Default)]
 struct Windows {
-    models: HashMap<String, VecDeque<(Instant, bool)>>,
-    all: VecDeque<(Instant, Option<String>)>,
+    models: HashMap<String, Window<()>>,
+    all: Window<String>,
+}
+
+/// The calls of a sliding window, counted as they come and go: a call costs O(1), however many
+/// the window holds (it was a scan of the whole window per call: 30 s at thousands of calls a
+/// second). Consecutive calls with the same mark less than `GRAIN` apart share one entry, so a
+/// window holds at most a few thousand entries at any rate.
+struct Window<M> {
+    runs: VecDeque<Run<M>>,
+    calls: usize,
+    /// Marked calls in the window, by mark (a mark whose count falls to 0 is removed).
+    marked: HashMap<M, usize>,
+    marked_calls: usize,
+}
+
+impl<M> Default for Window<M> {
+    fn default() -> Self {
+        Window {
+            runs: VecDeque::new(),
+            calls: 0,
+            marked: HashMap::new(),
+            marked_calls: 0,
+        }
+    }
+}
+
+/// `n` consecutive calls with the same mark, the first at `start`, the last at `last`.
+struct Run<M> {
+    start: Instant,
+    last: Instant,
+    n: usize,
+    mark: Option<M>,
+}
+
+/// Calls closer together than this (with the same mark) share an entry of a window.
+const GRAIN: Duration = Duration::from_millis(10);
+
+impl<M: Eq + std::hash::Hash + Clone> Window<M> {
+    /// Forgets the calls older than `horizon`, then counts one at `now`.
+    fn push(&mut self, now: Instant, horizon: Duration, mark: Option<M>) {
+        while self.runs.front().is_some_and(|r| now.duration_since(r.last) > horizon) {
+            let run = self.runs.pop_front().expect("checked");
+            self.forget(&run);
+        }
+        self.calls += 1;
+        if let Some(m) = &mark {
+            *self.marked.entry(m.clone()).or_default() += 1;
+            self.marked_calls += 1;
+        }
+        match self.runs.back_mut() {
+            Some(run) if run.mark == mark && now.duration_since(run.start) < GRAIN => {
+                run.n += 1;
+                run.last = now;
+            }
+            _ => self.runs.push_back(Run {
+                start: now,
+                last: now,
+                n: 1,
+                mark,
+            }),
+        }
+    }
+
+    fn forget(&mut self, run: &Run<M>) {
+        self.calls -= run.n;
+        if let Some(m) = &run.mark {
+            self.marked_calls -= run.n;
+            if let Some(c) = self.marked.get_mut(m) {
+                *c -= run.n;
+                if *c == 0 {
+                    self.marked.remove(m);
+                }
+            }
+        }
+    }
+
+    /// Forgets every call marked `mark`.
+    fn remove(&mut self, mark: &M) {
+        let Some(n) = self.marked.remove(mark) else {
+            return;
+        };
+        self.calls -= n;
+        self.marked_calls -= n;
+        self.runs.retain(|r| r.mark.as_ref() != Some(mark));
+    }
+
+    fn marked(&self, mark: &M) -> usize {
+        self.marked.get(mark).copied().unwrap_or(0)
+    }
+}
+
+impl Windows {
+    /// Records one call; says which scope to open, and why, when a window crossed the threshold
+    /// (and forgets the calls that opened it).
+    fn note(
+        &mut self,
+        cfg: &BreakerSettings,
+        now: Instant,
+        model: &str,
+        health: Health,
+        what: &str,
+    ) -> Option<(String, String)> {
+        let horizon = cfg.window;
+        let failed = health != Health::Answered;
+        if !self.models.contains_key(model) {
+            self.models.insert(model.to_string(), Window::default());
+        }
+        let mw = self.models.get_mut(model).expect("inserted");
+        mw.push(now, horizon, failed.then_some(()));
+        let tag = match health {
+            Health::Answered => None,
+            Health::ModelFailed => Some(model.to_string()),
+            Health::Unreachable => Some(ALL.to_string()),
+        };
+        self.all.push(now, horizon, tag);
+        if !failed {
+            return None;
+        }
+        let crossed = |calls: usize, failures: usize| {
+            calls >= cfg.min_calls && failures as f64 >= cfg.failure_rate * calls as f64
+        };
+        let all = &self.all;
+        let unreachable = all.marked(&ALL.to_string());
+        let failing = all.marked_calls;
+        let models_failing = all.marked.len() - usize::from(unreachable > 0);
+        let model_failures = mw.marked_calls;
+        if crossed(all.calls, unreachable) || (models_failing > 1 && crossed(all.calls, failing)) {
+            let why = format!(
+                "{failing} of the last {} calls failed across {} model(s); last: {what}",
+                all.calls,
+                models_failing.max(1)
+            );
+            *self = Windows::default();
+            Some((ALL.to_string(), why))
+        } else if health == Health::ModelFailed && crossed(mw.calls, model_failures) {
+            let why = format!(
+                "{model_failures} of the last {} calls of {model} failed; last: {what}",
+                mw.calls
+            );
+            *mw = Window::default();
+            self.all.remove(&model.to_string());
+            Some((model.to_string(), why))
+        } else {
+            None
+        }
+    }
 }
 
 /// One replica's view of its own calls, and its hands on the shared breakers.
@@ -107,58 +252,11 @@ impl Breakers {
     /// Records a call in this replica's windows; opens a shared breaker when its window
     /// crosses the threshold. Returns the scope it opened, if any.
     pub async fn record(&self, model: &str, health: Health, what: &str) -> Option<String> {
-        let trip = {
-            let mut w = self.windows.lock().unwrap();
-            let Windows { models, all } = &mut *w;
-            let now = Instant::now();
-            let horizon = self.cfg.window;
-            let failed = health != Health::Answered;
-            let mw = models.entry(model.to_string()).or_default();
-            mw.push_back((now, failed));
-            while mw.front().is_some_and(|(t, _)| now.duration_since(*t) > horizon) {
-                mw.pop_front();
-            }
-            let tag = match health {
-                Health::Answered => None,
-                Health::ModelFailed => Some(model.to_string()),
-                Health::Unreachable => Some(ALL.to_string()),
-            };
-            all.push_back((now, tag));
-            while all.front().is_some_and(|(t, _)| now.duration_since(*t) > horizon) {
-                all.pop_front();
-            }
-            let crossed = |calls: usize, failures: usize| {
-                calls >= self.cfg.min_calls && failures as f64 >= self.cfg.failure_rate * calls as f64
-            };
-            let failing: Vec<&String> = all.iter().filter_map(|(_, t)| t.as_ref()).collect();
-            let unreachable = failing.iter().filter(|t| t.as_str() == ALL).count();
-            let models_failing: HashSet<&String> = failing.iter().copied().filter(|t| t.as_str() != ALL).collect();
-            let model_failures = mw.iter().filter(|(_, f)| *f).count();
-            if !failed {
-                None
-            } else if crossed(all.len(), unreachable) || (models_failing.len() > 1 && crossed(all.len(), failing.len()))
-            {
-                let why = format!(
-                    "{} of the last {} calls failed across {} model(s); last: {what}",
-                    failing.len(),
-                    all.len(),
-                    models_failing.len().max(1)
-                );
-                all.clear();
-                models.clear();
-                Some((ALL.to_string(), why))
-            } else if health == Health::ModelFailed && crossed(mw.len(), model_failures) {
-                let why = format!(
-                    "{model_failures} of the last {} calls of {model} failed; last: {what}",
-                    mw.len()
-                );
-                mw.clear();
-                all.retain(|(_, t)| t.as_deref() != Some(model));
-                Some((model.to_string(), why))
-            } else {
-                None
-            }
-        };
+        let trip = self
+            .windows
+            .lock()
+            .unwrap()
+            .note(&self.cfg, Instant::now(), model, health, what);
         let (scope, reason) = trip?;
         self.trip(&scope, &reason).await;
         Some(scope)
@@ -244,4 +342,120 @@ pub async fn close(pool: &PgPool, scope: &str, replica: i64) -> Result<bool, Sto
     .run(pool)
     .await?;
     Ok(r.rows_affected() > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(window_ms: u64) -> BreakerSettings {
+        BreakerSettings {
+            window: Duration::from_millis(window_ms),
+            failure_rate: 0.5,
+            min_calls: 10,
+            cooldown_seconds: 5.0,
+            max_cooldown_seconds: 300.0,
+        }
+    }
+
+    /// The rule of the README, one call at a time, the way it was first written: every call
+    /// kept, the window scanned whole on each call.
+    #[derive(Default)]
+    struct Scan {
+        models: HashMap<String, VecDeque<(Instant, bool)>>,
+        all: VecDeque<(Instant, Option<String>)>,
+    }
+
+    impl Scan {
+        fn note(&mut self, cfg: &BreakerSettings, now: Instant, model: &str, health: Health) -> Option<String> {
+            let h = cfg.window;
+            let failed = health != Health::Answered;
+            let mw = self.models.entry(model.to_string()).or_default();
+            mw.push_back((now, failed));
+            mw.retain(|(t, _)| now.duration_since(*t) <= h);
+            let tag = match health {
+                Health::Answered => None,
+                Health::ModelFailed => Some(model.to_string()),
+                Health::Unreachable => Some(ALL.to_string()),
+            };
+            self.all.push_back((now, tag));
+            self.all.retain(|(t, _)| now.duration_since(*t) <= h);
+            let crossed = |c: usize, f: usize| c >= cfg.min_calls && f as f64 >= cfg.failure_rate * c as f64;
+            let failing: Vec<&String> = self.all.iter().filter_map(|(_, t)| t.as_ref()).collect();
+            let unreachable = failing.iter().filter(|t| t.as_str() == ALL).count();
+            let models: std::collections::HashSet<&String> =
+                failing.iter().copied().filter(|t| t.as_str() != ALL).collect();
+            let model_failures = mw.iter().filter(|(_, f)| *f).count();
+            if !failed {
+                None
+            } else if crossed(self.all.len(), unreachable)
+                || (models.len() > 1 && crossed(self.all.len(), failing.len()))
+            {
+                *self = Scan::default();
+                Some(ALL.to_string())
+            } else if health == Health::ModelFailed && crossed(mw.len(), model_failures) {
+                mw.clear();
+                self.all.retain(|(_, t)| t.as_deref() != Some(model));
+                Some(model.to_string())
+            } else {
+                None
+            }
+        }
+    }
+
+    fn health(h: u8) -> Health {
+        match h % 6 {
+            0..=2 => Health::Answered,
+            3 | 4 => Health::ModelFailed,
+            _ => Health::Unreachable,
+        }
+    }
+
+    proptest::proptest! {
+        /// Calls at least a grain apart each have an entry of their own: the counted window opens
+        /// exactly the breakers the full scan opens, on the same calls.
+        #[test]
+        fn counted_windows_open_what_a_full_scan_opens(
+            calls in proptest::collection::vec((1u64..400, 0u8..3, 0u8..6), 1..600),
+        ) {
+            let cfg = cfg(2_000);
+            let (mut counted, mut scan) = (Windows::default(), Scan::default());
+            let mut now = Instant::now();
+            for (i, (gap_ms, model, h)) in calls.into_iter().enumerate() {
+                now += Duration::from_millis(gap_ms).max(GRAIN);
+                let model = ["a", "b", "c"][model as usize];
+                let got = counted.note(&cfg, now, model, health(h), "x").map(|(scope, _)| scope);
+                let want = scan.note(&cfg, now, model, health(h));
+                proptest::prop_assert_eq!(got, want, "call {}", i);
+            }
+        }
+    }
+
+    #[test]
+    fn a_window_at_thousands_of_calls_a_second_stays_small_and_still_trips() {
+        let cfg = cfg(30_000);
+        let mut w = Windows::default();
+        let start = Instant::now();
+        // 60 s of answered calls, one every 200 µs (5,000 a second).
+        for i in 0..300_000u64 {
+            let now = start + Duration::from_micros(200 * i);
+            assert_eq!(w.note(&cfg, now, "m", Health::Answered, "ok"), None);
+        }
+        // 30 s of calls, and at most a grain (50 calls) more: a run goes when its last call does.
+        assert!((150_000..=150_050).contains(&w.all.calls), "{} calls", w.all.calls);
+        assert!(w.all.runs.len() <= 3_001, "{} entries", w.all.runs.len());
+        assert!(w.models["m"].runs.len() <= 3_001);
+        // Then only failures: the model's breaker opens once they are half the window.
+        let t = start + Duration::from_secs(60);
+        let opened = (1..=400_000u64).find_map(|i| {
+            let now = t + Duration::from_micros(200 * i);
+            w.note(&cfg, now, "m", Health::ModelFailed, "503").map(|o| (i, o))
+        });
+        let (i, (scope, why)) = opened.expect("the breaker opens");
+        assert_eq!(scope, "m");
+        // After i failures, the answered calls still in the window are 150,000 − i (to a grain).
+        assert!((74_900..=75_100).contains(&i), "opened after {i} failures: {why}");
+        assert_eq!(w.models["m"].calls, 0, "the calls that opened it are forgotten");
+        assert_eq!(w.all.marked_calls, 0);
+    }
 }
