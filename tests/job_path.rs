@@ -537,3 +537,74 @@ async fn a_round_whose_claim_fails_still_records_the_calls_it_settled() {
         .expect("lost grants");
     assert!(lost.is_empty(), "no call is left to be made again: {:?}", lost.len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_sent_back_to_the_queue_is_not_acked_with_the_deliveries_after_it() {
+    // Intake acks many deliveries in one ack (`multiple`: every delivery of the channel up to
+    // a tag). A delivery it could not store goes back to the queue after a pause; the acks of
+    // the deliveries after it, sent meanwhile, must not take it along.
+    let env = TestEnv::new(MockConfig::default()).await;
+    sqlx::raw_sql(
+        "CREATE TABLE public.held (on_ boolean NOT NULL);
+         INSERT INTO public.held VALUES (true);
+         CREATE FUNCTION public.hold_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.custom_id = 'poison' AND (SELECT on_ FROM public.held) THEN
+                 RAISE EXCEPTION 'held by the test';
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER hold_poison BEFORE INSERT ON sheepdog.backlog
+             FOR EACH ROW EXECUTE FUNCTION public.hold_poison();",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    env.publish(job_line("poison", "gpt-4.1", "first").to_string().as_bytes())
+        .await;
+    for i in 0..199 {
+        env.publish(job_line(&format!("after-{i}"), "gpt-4.1", "hi").to_string().as_bytes())
+            .await;
+    }
+    let w = env.spawn_worker("w").await;
+    let pool = env.pool.clone();
+    wait_for(Duration::from_secs(60), "the deliveries after it to be stored", || {
+        let pool = pool.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM sheepdog.jobs WHERE custom_id LIKE 'after-%'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            (n == 199).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(
+        env.count("SELECT count(*) FROM sheepdog.jobs WHERE custom_id = 'poison'")
+            .await,
+        0,
+        "held back so far"
+    );
+    sqlx::query("UPDATE public.held SET on_ = false")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    wait_for(
+        Duration::from_secs(60),
+        "the held delivery to come back and its job to end",
+        || {
+            let pool = pool.clone();
+            async move {
+                let n: i64 = sqlx::query_scalar("SELECT count(*) FROM sheepdog.job_results WHERE status = 'succeeded'")
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                (n == 200).then_some(())
+            }
+        },
+    )
+    .await;
+    assert_eq!(env.mock.state.call_count(), 200);
+    assert_eq!(env.queue_depth("sheepdog.jobs").await, 0);
+    w.stop().await;
+}

@@ -1,12 +1,13 @@
 //! Intake: `sheepdog.jobs` → Postgres.
 //!
 //! A supervisor owns the AMQP connection and rebuilds connection, channels, qos and consumer
-//! after any error. Each delivery is validated and then settled exactly once, through its own
-//! acker: acked after its job is stored (or recorded failed and dead-lettered), or nacked back
-//! to the queue when the database or the broker failed under it. While the database is down,
+//! after any error. Each delivery is validated and then settled exactly once: acked after its
+//! job is stored (or recorded failed and dead-lettered), many deliveries in one ack (`Acks`), or
+//! nacked back to the queue, on its own, when the database or the broker failed under it. While the database is down,
 //! intake takes nothing. Dead letters go out on the worker's shared channels (`amqp::Channels`);
 //! the consumer's channel is its own.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -76,7 +77,8 @@ async fn session(
         .await?;
     w.metrics.health.set_amqp(true);
     delays.reset();
-    let result = consume(w, stop, tracker, &consume_ch).await;
+    let acks = Arc::new(Acks::new(consume_ch.clone()));
+    let result = consume(w, stop, tracker, &consume_ch, &acks).await;
     if result.is_ok() {
         tracker.close();
         let _ = tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await;
@@ -90,6 +92,7 @@ async fn consume(
     stop: &CancellationToken,
     tracker: &TaskTracker,
     consume_ch: &Channel,
+    acks: &Arc<Acks>,
 ) -> anyhow::Result<()> {
     loop {
         // With the database down there is nowhere to put a job: take none until it answers.
@@ -125,8 +128,9 @@ async fn consume(
                 }
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
-                        let w = w.clone();
-                        tracker.spawn(async move { take_delivery(w, delivery).await });
+                        let (w, acks) = (w.clone(), acks.clone());
+                        acks.taken(delivery.delivery_tag);
+                        tracker.spawn(async move { take_delivery(w, delivery, acks).await });
                     }
                     Some(Err(e)) => return Err(e.into()),
                     None => anyhow::bail!("the broker cancelled the consumer"),
@@ -165,7 +169,7 @@ fn requeue() -> BasicNackOptions {
     }
 }
 
-async fn take_delivery(w: Arc<Worker>, delivery: Delivery) {
+async fn take_delivery(w: Arc<Worker>, delivery: Delivery, acks: Arc<Acks>) {
     let fate = match take_in(&w, &delivery).await {
         Ok(()) => Fate::Ack,
         Err(e) => {
@@ -179,24 +183,114 @@ async fn take_delivery(w: Arc<Worker>, delivery: Delivery) {
             Fate::Requeue
         }
     };
-    settle_delivery(delivery, fate).await;
+    settle_delivery(delivery, fate, &acks).await;
 }
 
 /// Carries out a delivery's fate, once, on the channel it came from.
-async fn settle_delivery(delivery: Delivery, fate: Fate) {
-    let settled = match fate {
-        Fate::Ack => delivery.ack(BasicAckOptions::default()).await,
+async fn settle_delivery(delivery: Delivery, fate: Fate, acks: &Acks) {
+    match fate {
+        Fate::Ack => acks.ack(delivery.delivery_tag).await,
         Fate::Requeue => {
             tokio::time::sleep(crate::retry::redelivery_pause()).await;
-            delivery.nack(requeue()).await
+            let nacked = delivery.nack(requeue()).await;
+            if !matches!(nacked, Ok(true)) {
+                lost_on_channel();
+            }
+            acks.settled_alone(delivery.delivery_tag).await;
         }
-    };
-    match settled {
-        Ok(true) => {}
-        Ok(false) | Err(_) => {
-            tracing::debug!(
-                "delivery could not be settled on its channel (connection lost); the broker will redeliver it"
-            )
+    }
+}
+
+fn lost_on_channel() {
+    tracing::debug!("delivery could not be settled on its channel (connection lost); the broker will redeliver it");
+}
+
+/// A consuming channel's acks, many in one frame. An ack with `multiple` set covers every
+/// delivery of the channel up to its tag, so a delivery whose job is stored is acked together
+/// with those before it once none of them is still undecided: an admission group's deliveries
+/// go in one ack, where each took a frame of its own, a wake-up of the connection's I/O thread
+/// and a write (and the broker a method to handle). A delivery behind an undecided one (its
+/// group still committing, or one going back to the queue after a pause) waits for it.
+struct Acks {
+    ch: Channel,
+    state: std::sync::Mutex<AckState>,
+}
+
+#[derive(Default)]
+struct AckState {
+    /// Tags taken from the consumer whose fate is not carried out yet.
+    open: BTreeSet<u64>,
+    /// Tags to ack, not sent yet.
+    ready: BTreeSet<u64>,
+    /// A task is sending acks: others leave theirs to it.
+    sending: bool,
+}
+
+impl Acks {
+    fn new(ch: Channel) -> Acks {
+        Acks {
+            ch,
+            state: Default::default(),
+        }
+    }
+
+    fn taken(&self, tag: u64) {
+        self.state.lock().unwrap().open.insert(tag);
+    }
+
+    /// Acks `tag`: sent before this returns, or by the task sending at the time (which does not
+    /// stop while an ack it may send is left), or by the task of the undecided delivery before
+    /// it, when that one is settled.
+    async fn ack(&self, tag: u64) {
+        {
+            let mut s = self.state.lock().unwrap();
+            s.open.remove(&tag);
+            s.ready.insert(tag);
+            if s.sending {
+                return;
+            }
+            s.sending = true;
+        }
+        // The rest of this delivery's admission group is being woken too: let them add theirs.
+        tokio::task::yield_now().await;
+        self.send().await;
+    }
+
+    /// `tag` was settled on its own (nacked): the acks that waited for it may go.
+    async fn settled_alone(&self, tag: u64) {
+        {
+            let mut s = self.state.lock().unwrap();
+            s.open.remove(&tag);
+            if s.sending || s.ready.is_empty() {
+                return;
+            }
+            s.sending = true;
+        }
+        self.send().await;
+    }
+
+    /// Sends what can go (every ready tag below the first open one, in one ack) until nothing
+    /// can; then hands the sending back.
+    async fn send(&self) {
+        loop {
+            let upto = {
+                let mut s = self.state.lock().unwrap();
+                let first_open = s.open.first().copied().unwrap_or(u64::MAX);
+                match s.ready.range(..first_open).next_back().copied() {
+                    Some(t) => {
+                        s.ready = s.ready.split_off(&(t + 1));
+                        t
+                    }
+                    None => {
+                        s.sending = false;
+                        return;
+                    }
+                }
+            };
+            let multiple = BasicAckOptions { multiple: true };
+            if self.ch.basic_ack(upto, multiple).await.is_err() {
+                lost_on_channel();
+            }
         }
     }
 }
