@@ -567,17 +567,16 @@ async fn a_delivery_sent_back_to_the_queue_is_not_acked_with_the_deliveries_afte
             .await;
     }
     let w = env.spawn_worker("w").await;
-    let pool = env.pool.clone();
-    wait_for(Duration::from_secs(60), "the deliveries after it to be stored", || {
-        let pool = pool.clone();
-        async move {
-            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM sheepdog.jobs WHERE custom_id LIKE 'after-%'")
-                .fetch_one(&pool)
-                .await
-                .unwrap();
+    wait_for(
+        Duration::from_secs(60),
+        "the deliveries after it to be stored",
+        || async {
+            let n = env
+                .count("SELECT count(*) FROM sheepdog.jobs WHERE custom_id LIKE 'after-%'")
+                .await;
             (n == 199).then_some(())
-        }
-    })
+        },
+    )
     .await;
     assert_eq!(
         env.count("SELECT count(*) FROM sheepdog.jobs WHERE custom_id = 'poison'")
@@ -592,15 +591,11 @@ async fn a_delivery_sent_back_to_the_queue_is_not_acked_with_the_deliveries_afte
     wait_for(
         Duration::from_secs(60),
         "the held delivery to come back and its job to end",
-        || {
-            let pool = pool.clone();
-            async move {
-                let n: i64 = sqlx::query_scalar("SELECT count(*) FROM sheepdog.job_results WHERE status = 'succeeded'")
-                    .fetch_one(&pool)
-                    .await
-                    .unwrap();
-                (n == 200).then_some(())
-            }
+        || async {
+            let n = env
+                .count("SELECT count(*) FROM sheepdog.job_results WHERE status = 'succeeded'")
+                .await;
+            (n == 200).then_some(())
         },
     )
     .await;

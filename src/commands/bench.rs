@@ -272,7 +272,7 @@ pub async fn run(
     // Timed to the last job's end as the database recorded it (its settling transaction's start),
     // not to the poll that saw it: a poll every 500 ms made the figure jump by an eighth on a
     // 4-second run. A budget run ends when the workers paused, so it is timed by the poll.
-    let wall = match crate::store::report::last_ended(&pool, &batch_id).await? {
+    let wall = match crate::store::report::batch_status(&pool, &batch_id).await?.last_at {
         Some(last) if b.budget.is_none() => {
             ((last - db_started).num_microseconds().unwrap_or(0) as f64 / 1e6).max(0.001)
         }

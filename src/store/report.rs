@@ -378,19 +378,6 @@ pub async fn clock(pool: &PgPool) -> Result<chrono::DateTime<chrono::Utc>, super
     Ok(query_scalar("SELECT clock_timestamp()").one(pool).await?)
 }
 
-/// When the last of a batch's jobs ended (its settling transaction's start).
-pub async fn last_ended(
-    pool: &PgPool,
-    batch_id: &str,
-) -> Result<Option<chrono::DateTime<chrono::Utc>>, super::StoreError> {
-    Ok(
-        query_scalar("SELECT max(finished_at) FROM sheepdog.jobs WHERE batch_id = $1")
-            .bind(batch_id)
-            .one(pool)
-            .await?,
-    )
-}
-
 /// Client connections to this database whose `application_name` is not `except`.
 pub async fn connections_except(pool: &PgPool, except: &str) -> Result<i64, super::StoreError> {
     Ok(query_scalar(

@@ -3,9 +3,9 @@
 //! A supervisor owns the AMQP connection and rebuilds connection, channels, qos and consumer
 //! after any error. Each delivery is validated and then settled exactly once: acked after its
 //! job is stored (or recorded failed and dead-lettered), many deliveries in one ack (`Acks`), or
-//! nacked back to the queue, on its own, when the database or the broker failed under it. While the database is down,
-//! intake takes nothing. Dead letters go out on the worker's shared channels (`amqp::Channels`);
-//! the consumer's channel is its own.
+//! nacked back to the queue, on its own, when the database or the broker failed under it. While
+//! the database is down, intake takes nothing. Dead letters go out on the worker's shared
+//! channels (`amqp::Channels`); the consumer's channel is its own.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
