@@ -39,6 +39,9 @@ pub struct Attempt {
     pub unreachable: bool,
 }
 
+/// How long a connection to the upstream waits idle in the pool before it is closed.
+pub const IDLE_CONNECTION: Duration = Duration::from_secs(60);
+
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
@@ -54,7 +57,7 @@ impl Client {
             .timeout(args.http_timeout())
             .connect_timeout(Duration::from_secs(10).min(args.http_timeout()))
             .pool_max_idle_per_host(pool_size.max(1))
-            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(IDLE_CONNECTION)
             .tcp_nodelay(true)
             .user_agent(concat!("sheepdog/", env!("CARGO_PKG_VERSION")))
             .build()?;

@@ -37,16 +37,62 @@ const IDLE: Duration = Duration::from_millis(250);
 const MIN_GAP: Duration = Duration::from_millis(5);
 /// The most jobs one round asks for.
 const MAX_ASK: usize = 256;
-/// The most idle slots one round fills. A slot freed by a call that came back has a warm
-/// connection to reuse; an idle one (at the start, or after a quiet spell) opens a new one. A
-/// replica starting with 2,000 idle slots fills them 32 at a time, each round's calls sent while
-/// the next round runs, instead of granting 256 at once and sending them behind each other: at
-/// 2,000 in flight this took the p99 that sheepdog adds to a call from 99 to 154 ms to 26 to 48.
-const MAX_FRESH: usize = 32;
+/// Idle slots beyond those with a warm connection waiting (see [`Warm`]) are filled at most
+/// `MAX_FRESH` a round, and `MAX_FRESH` more for every `CONTENDED` the last round waited for the
+/// dispatch lock (eight replicas' rounds wait about 150 ms for it: 8 a round would take a
+/// replica seconds to fill its slots). A slot freed by a call that came back has a warm
+/// connection to reuse; an idle one beyond the calls of the last minute (at the start, or as
+/// concurrency grows) opens a new one. A replica starting with 2,000 idle slots fills them a few
+/// at a time, each round's calls sent while the next round runs, instead of granting them all at
+/// once while intake takes in the first thousands of deliveries on the same cores: at 2,000 in
+/// flight (`bench`, 2 to 4 s calls) 256 a round made the p99 that sheepdog adds to a call 99 to
+/// 154 ms, 32 a round 68 to 190 ms and 8 a round 23 to 54 ms (0.96 to 0.98 of a perfect
+/// scheduler, against 0.99: the first second is slower to fill).
+const MAX_FRESH: usize = 8;
+/// About how many connections to the upstream wait warm in the client's pool: the most slots
+/// this replica had busy at once within the pool's idle timeout (`upstream::client::IDLE_CONNECTION`).
+/// Idle slots up to that many are filled at once (a backlog that ran dry and filled again), only
+/// those beyond it as `MAX_FRESH` says.
+#[derive(Default)]
+struct Warm {
+    /// The most slots busy at once, by spans of `Warm::SPAN`, oldest first.
+    spans: std::collections::VecDeque<(Instant, usize)>,
+}
+
+impl Warm {
+    const SPAN: Duration = Duration::from_secs(10);
+
+    fn note(&mut self, busy: usize) {
+        let now = Instant::now();
+        while self
+            .spans
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) >= crate::upstream::client::IDLE_CONNECTION)
+        {
+            self.spans.pop_front();
+        }
+        match self.spans.back_mut() {
+            Some((at, most)) if now.duration_since(*at) < Self::SPAN => *most = (*most).max(busy),
+            _ => self.spans.push_back((now, busy)),
+        }
+    }
+
+    /// How many idle slots a round may fill while `busy` are taken, the last round having
+    /// waited `waited` for the dispatch lock.
+    fn fill(&self, busy: usize, waited: Duration) -> usize {
+        let most = self.spans.iter().map(|(_, n)| *n).max().unwrap_or(0);
+        let waits = (waited.as_micros() / CONTENDED.as_micros()) as usize;
+        most.saturating_sub(busy) + (MAX_FRESH * (1 + waits)).min(MAX_ASK)
+    }
+}
+
 /// The most calls one round settles.
 const MAX_SETTLE: usize = 512;
+/// How many of a replica's calls must have come back during a round that waited for the lock
+/// (see `CONTENDED`) for the next rounds to take the lock first.
+const PILED: usize = 32;
 /// A round whose view waited this long for the dispatch lock (other replicas' rounds hold it in
-/// turn), while at least `MAX_FRESH` of its replica's calls came back, makes the next rounds
+/// turn), while at least `PILED` of its replica's calls came back, makes the next rounds
 /// take the lock first, in a statement of its own, and only then count their free slots: the
 /// calls that came back during the wait give their slots to that round's grants (they are
 /// settled in the next round). Otherwise a round asks for the few slots freed before it began
@@ -170,6 +216,11 @@ async fn run(
     let mut held: Vec<Returned> = Vec::new();
     // Whether rounds take the dispatch lock first (see `CONTENDED`).
     let mut contended = false;
+    let mut warm = Warm::default();
+    // How long the last round waited for the dispatch lock (its view, when it did not take the
+    // lock first).
+    let mut waited = Duration::ZERO;
+    let concurrency = w.args.concurrency.max(1) as usize;
     // Whether the last turn waited for a call to come back instead of a round settling only.
     let mut deferred = false;
     loop {
@@ -193,7 +244,8 @@ async fn run(
         // Held calls whose slots a round took already are settled without freeing one.
         let held_slots = held.iter().filter(|r| r.slot.is_some()).count();
         if granting && lost.is_empty() {
-            while held_slots + free.len() < MAX_ASK && free.len() < MAX_FRESH {
+            let fill = warm.fill(concurrency.saturating_sub(w.slots.available_permits()), waited);
+            while held_slots + free.len() < MAX_ASK && free.len() < fill {
                 match w.slots.clone().try_acquire_owned() {
                     Ok(p) => free.push(p),
                     Err(_) => break,
@@ -237,10 +289,12 @@ async fn run(
         // Calls that came back while this round waited for the lock: their slots are this
         // round's, their settlements the next round's.
         let mut late: Vec<Returned> = Vec::new();
+        let mut lock_waited = None;
         let round = async {
             let mut round = crate::store::dispatch::begin_round(&pool, &settlements).await?;
             if contended && asked > 0 {
                 let waited = round.wait_for_lock().await?;
+                lock_waited = Some(waited);
                 contended = waited >= UNCONTENDED;
                 late = w.take_returned(MAX_SETTLE.saturating_sub(held.len()));
                 free.extend(late.iter_mut().filter_map(|r| r.slot.take()));
@@ -251,6 +305,7 @@ async fn run(
         .await;
         let wait = match round {
             Ok(d) => {
+                waited = lock_waited.unwrap_or(d.view_took);
                 w.rounds
                     .lock()
                     .unwrap()
@@ -271,7 +326,7 @@ async fn run(
                 let piled = w.unsettled().saturating_sub(held.len());
                 if asked > 0 && d.idle {
                     contended = false;
-                } else if d.view_took >= CONTENDED && piled >= MAX_FRESH {
+                } else if d.view_took >= CONTENDED && piled >= PILED {
                     contended = true;
                 }
                 if asked > 0 {
@@ -294,6 +349,7 @@ async fn run(
                     calls.spawn_on(super::execute::run(w.clone(), job, permit), &main);
                 }
                 drop(free);
+                warm.note(concurrency.saturating_sub(w.slots.available_permits()));
                 // Now and then without a failure too: a commit that reached the server only after
                 // the last look would otherwise leave its grants pending for good.
                 if swept.elapsed() >= LOST_SWEEP {
@@ -414,5 +470,26 @@ fn run_lost(
 ) {
     if let Some(job) = lost.pop() {
         calls.spawn_on(super::execute::run(w.clone(), job, permit), main);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_slots_with_warm_connections_fill_at_once_and_new_ones_at_a_pace() {
+        let mut warm = Warm::default();
+        // A replica starting: a few new connections a round, more when its rounds wait for the
+        // lock behind other replicas' (they come seldom).
+        assert_eq!(warm.fill(0, Duration::ZERO), MAX_FRESH);
+        assert_eq!(warm.fill(0, Duration::from_millis(15)), MAX_FRESH);
+        assert_eq!(warm.fill(0, Duration::from_millis(150)), MAX_FRESH * 8);
+        assert_eq!(warm.fill(0, Duration::from_secs(1)), MAX_ASK);
+        // 2,000 were busy; now 500 are: 1,500 connections wait warm in the pool.
+        warm.note(2000);
+        warm.note(500);
+        assert_eq!(warm.fill(500, Duration::from_millis(2)), 1500 + MAX_FRESH);
+        assert_eq!(warm.fill(2000, Duration::from_millis(2)), MAX_FRESH);
     }
 }
