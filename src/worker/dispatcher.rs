@@ -220,7 +220,9 @@ async fn run(
     // How long the last round waited for the dispatch lock (its view, when it did not take the
     // lock first).
     let mut waited = Duration::ZERO;
+    // Slots taken: by calls in flight, by calls back but not settled, and by this round's grants.
     let concurrency = w.args.concurrency.max(1) as usize;
+    let taken = || concurrency.saturating_sub(w.slots.available_permits());
     // Whether the last turn waited for a call to come back instead of a round settling only.
     let mut deferred = false;
     loop {
@@ -244,7 +246,7 @@ async fn run(
         // Held calls whose slots a round took already are settled without freeing one.
         let held_slots = held.iter().filter(|r| r.slot.is_some()).count();
         if granting && lost.is_empty() {
-            let fill = warm.fill(concurrency.saturating_sub(w.slots.available_permits()), waited);
+            let fill = warm.fill(taken(), waited);
             while held_slots + free.len() < MAX_ASK && free.len() < fill {
                 match w.slots.clone().try_acquire_owned() {
                     Ok(p) => free.push(p),
@@ -349,7 +351,7 @@ async fn run(
                     calls.spawn_on(super::execute::run(w.clone(), job, permit), &main);
                 }
                 drop(free);
-                warm.note(concurrency.saturating_sub(w.slots.available_permits()));
+                warm.note(taken());
                 // Now and then without a failure too: a commit that reached the server only after
                 // the last look would otherwise leave its grants pending for good.
                 if swept.elapsed() >= LOST_SWEEP {
