@@ -64,8 +64,11 @@ pub async fn admit(pool: &PgPool, items: Vec<Admission>) -> Result<Vec<Admitted>
     let new: Vec<(String, String)> = query_as(&format!(
         r#"
         WITH input AS (
-            SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::bytea[], $6::bigint[],
-                                 $7::numeric[]) WITH ORDINALITY
+            -- Places in line in the order the deliveries came (a function scan yields its rows in
+            -- order), for new and registered jobs alike.
+            SELECT t.*, nextval('sheepdog.backlog_seq') AS seq
+              FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::bytea[], $6::bigint[],
+                          $7::numeric[]) WITH ORDINALITY
                 AS t(batch_id, custom_id, model, metadata, request, tokens, cost, ord)
         ), ctl AS (
             -- A job of a batch that is cancelled, or past its deadline, ends as it arrives.
@@ -73,31 +76,42 @@ pub async fn admit(pool: &PgPool, items: Vec<Admission>) -> Result<Vec<Admitted>
                    b.batch_id IS NULL AS missing
               FROM (SELECT DISTINCT batch_id FROM input) i
               LEFT JOIN sheepdog.batches b ON b.batch_id = i.batch_id
-        ), ins AS (
+        ), stored AS (
+            -- A job registered by `enqueue` (or replayed) and not yet stored gets its request. An
+            -- update of its own, not an insert that meets the row and updates it: that locks the
+            -- row first, one more WAL record a job.
+            UPDATE sheepdog.jobs j
+               SET model = i.model,
+                   metadata = coalesce(i.metadata, j.metadata),
+                   request = CASE WHEN c.status = 'queued' THEN i.request END,
+                   reserve_tokens = i.tokens,
+                   reserve_cost_usd = i.cost,
+                   seq = i.seq,
+                   status = c.status,
+                   error = sheepdog.batch_end_error(c.status),
+                   finished_at = CASE WHEN c.status <> 'queued' THEN now() END
+              FROM input i JOIN ctl c ON c.batch_id = i.batch_id
+             WHERE j.batch_id = i.batch_id AND j.custom_id = i.custom_id
+               AND j.status = 'queued' AND j.request IS NULL AND j.message IS NULL
+            RETURNING j.batch_id, j.custom_id, j.model, j.seq, j.status, j.attempts, j.reserve_tokens,
+                      j.reserve_cost_usd
+        ), added AS (
+            -- A job not seen before. One that is (registered, stored, or a copy arriving twice in
+            -- this group) meets its row and is left alone.
             INSERT INTO sheepdog.jobs AS j
                 (batch_id, custom_id, status, model, metadata, request, reserve_tokens, reserve_cost_usd, seq,
                  error, finished_at)
             SELECT i.batch_id, i.custom_id, c.status, i.model, i.metadata,
-                   CASE WHEN c.status = 'queued' THEN i.request END, i.tokens, i.cost,
-                   nextval('sheepdog.backlog_seq'),
+                   CASE WHEN c.status = 'queued' THEN i.request END, i.tokens, i.cost, i.seq,
                    sheepdog.batch_end_error(c.status),
                    CASE WHEN c.status <> 'queued' THEN now() END
               FROM input i JOIN ctl c ON c.batch_id = i.batch_id
              ORDER BY i.ord
-            ON CONFLICT (batch_id, custom_id) DO UPDATE
-               SET model = EXCLUDED.model,
-                   metadata = coalesce(EXCLUDED.metadata, j.metadata),
-                   request = EXCLUDED.request,
-                   reserve_tokens = EXCLUDED.reserve_tokens,
-                   reserve_cost_usd = EXCLUDED.reserve_cost_usd,
-                   seq = EXCLUDED.seq,
-                   status = EXCLUDED.status,
-                   error = EXCLUDED.error,
-                   finished_at = EXCLUDED.finished_at
-             -- Only a job registered by `enqueue` (or replayed) and not yet stored.
-             WHERE j.status = 'queued' AND j.request IS NULL AND j.message IS NULL
+            ON CONFLICT (batch_id, custom_id) DO NOTHING
             RETURNING j.batch_id, j.custom_id, j.model, j.seq, j.status, j.attempts, j.reserve_tokens,
                       j.reserve_cost_usd
+        ), ins AS (
+            SELECT * FROM stored UNION ALL SELECT * FROM added
         ), bat AS (
             -- Only a batch not seen yet: an insert that meets an existing row would wait for
             -- whatever holds that row (a dispatch moving the batch's pass) to commit.
