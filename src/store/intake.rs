@@ -76,22 +76,30 @@ pub async fn admit(pool: &PgPool, items: Vec<Admission>) -> Result<Vec<Admitted>
                    b.batch_id IS NULL AS missing
               FROM (SELECT DISTINCT batch_id FROM input) i
               LEFT JOIN sheepdog.batches b ON b.batch_id = i.batch_id
+        ), job AS (
+            -- Each job as it is stored, registered or new: a job that ends as it arrives keeps
+            -- no request, and has its error and its end.
+            SELECT i.batch_id, i.custom_id, i.model, i.metadata, i.tokens, i.cost, i.seq, i.ord, c.status,
+                   CASE WHEN c.status = 'queued' THEN i.request END AS request,
+                   sheepdog.batch_end_error(c.status) AS error,
+                   CASE WHEN c.status <> 'queued' THEN now() END AS finished_at
+              FROM input i JOIN ctl c ON c.batch_id = i.batch_id
         ), stored AS (
             -- A job registered by `enqueue` (or replayed) and not yet stored gets its request. An
             -- update of its own, not an insert that meets the row and updates it: that locks the
             -- row first, one more WAL record a job.
             UPDATE sheepdog.jobs j
-               SET model = i.model,
-                   metadata = coalesce(i.metadata, j.metadata),
-                   request = CASE WHEN c.status = 'queued' THEN i.request END,
-                   reserve_tokens = i.tokens,
-                   reserve_cost_usd = i.cost,
-                   seq = i.seq,
-                   status = c.status,
-                   error = sheepdog.batch_end_error(c.status),
-                   finished_at = CASE WHEN c.status <> 'queued' THEN now() END
-              FROM input i JOIN ctl c ON c.batch_id = i.batch_id
-             WHERE j.batch_id = i.batch_id AND j.custom_id = i.custom_id
+               SET model = n.model,
+                   metadata = coalesce(n.metadata, j.metadata),
+                   request = n.request,
+                   reserve_tokens = n.tokens,
+                   reserve_cost_usd = n.cost,
+                   seq = n.seq,
+                   status = n.status,
+                   error = n.error,
+                   finished_at = n.finished_at
+              FROM job n
+             WHERE j.batch_id = n.batch_id AND j.custom_id = n.custom_id
                AND j.status = 'queued' AND j.request IS NULL AND j.message IS NULL
             RETURNING j.batch_id, j.custom_id, j.model, j.seq, j.status, j.attempts, j.reserve_tokens,
                       j.reserve_cost_usd
@@ -101,12 +109,9 @@ pub async fn admit(pool: &PgPool, items: Vec<Admission>) -> Result<Vec<Admitted>
             INSERT INTO sheepdog.jobs AS j
                 (batch_id, custom_id, status, model, metadata, request, reserve_tokens, reserve_cost_usd, seq,
                  error, finished_at)
-            SELECT i.batch_id, i.custom_id, c.status, i.model, i.metadata,
-                   CASE WHEN c.status = 'queued' THEN i.request END, i.tokens, i.cost, i.seq,
-                   sheepdog.batch_end_error(c.status),
-                   CASE WHEN c.status <> 'queued' THEN now() END
-              FROM input i JOIN ctl c ON c.batch_id = i.batch_id
-             ORDER BY i.ord
+            SELECT batch_id, custom_id, status, model, metadata, request, tokens, cost, seq, error, finished_at
+              FROM job
+             ORDER BY ord
             ON CONFLICT (batch_id, custom_id) DO NOTHING
             RETURNING j.batch_id, j.custom_id, j.model, j.seq, j.status, j.attempts, j.reserve_tokens,
                       j.reserve_cost_usd
