@@ -306,6 +306,83 @@ async fn the_churn_tables_do_not_keep_their_dead_rows() {
     eprintln!("after 6,000 jobs (dead rows, vacuums): {dead:?}");
 }
 
+/// A publisher claims outbox rows, publishes them and deletes them, holding no transaction in
+/// between. One that died mid-publish leaves its rows claimed: they go out once its replica is
+/// gone (taken over), and not while it is still registered (it may be publishing them now).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_rows_claimed_by_a_replica_that_is_gone_are_published_and_a_live_claim_is_left_alone() {
+    let env = TestEnv::new(MockConfig::default()).await;
+    // A replica that was registered and last seen 10 s from now: it is taken over 5 s after that
+    // (SHEEPDOG_TAKEOVER_SECONDS), as a process killed mid-publish would be.
+    let busy: i64 = sqlx::query_scalar(
+        "INSERT INTO sheepdog.replicas (name, last_seen) VALUES ('mid-publish', now() + interval '10 seconds') RETURNING id",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    for (body, by) in [("gone", busy + 1_000_000), ("held", busy)] {
+        sqlx::query(
+            "INSERT INTO sheepdog.outbox (routing_key, headers, body, claimed_by, claimed_at)
+             VALUES ('sheepdog.dead', jsonb_build_object('x-sheepdog-error', $1::text), $2, $3, now())",
+        )
+        .bind(body)
+        .bind(body.as_bytes())
+        .bind(by)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    }
+    let _w = WorkerProcess::start(&env, &[]);
+    let seen = std::sync::Mutex::new(Vec::<String>::new());
+    wait_for(
+        Duration::from_secs(30),
+        "the dead letter of the lapsed claim",
+        || async {
+            let got = env.drain_dead().await;
+            let mut seen = seen.lock().unwrap();
+            seen.extend(got.into_iter().map(|(body, _)| String::from_utf8(body).unwrap()));
+            seen.iter().any(|b| b == "gone").then_some(())
+        },
+    )
+    .await;
+    let registered = env
+        .count(&format!("SELECT count(*) FROM sheepdog.replicas WHERE id = {busy}"))
+        .await;
+    assert_eq!(
+        *seen.lock().unwrap(),
+        ["gone"],
+        "only the row of the replica that is gone went out"
+    );
+    assert_eq!(registered, 1, "the claiming replica was still registered");
+    assert_eq!(
+        env.count("SELECT count(*) FROM sheepdog.outbox WHERE body = 'held'::bytea")
+            .await,
+        1
+    );
+    // Taken over, the replica loses its claim: its row goes out too, and the outbox is empty.
+    wait_for(
+        Duration::from_secs(60),
+        "the dead letter of the taken-over claim",
+        || async {
+            let got = env.drain_dead().await;
+            let mut seen = seen.lock().unwrap();
+            seen.extend(got.into_iter().map(|(body, _)| String::from_utf8(body).unwrap()));
+            seen.iter().any(|b| b == "held").then_some(())
+        },
+    )
+    .await;
+    assert_eq!(*seen.lock().unwrap(), ["gone", "held"]);
+    assert_eq!(
+        env.count(&format!("SELECT count(*) FROM sheepdog.replicas WHERE id = {busy}"))
+            .await,
+        0
+    );
+    wait_for(Duration::from_secs(10), "an empty outbox", || async {
+        (env.count("SELECT count(*) FROM sheepdog.outbox").await == 0).then_some(())
+    })
+    .await;
+}
+
 /// Postgres refuses the worker's connections (here its role's `CONNECTION LIMIT`, as a full
 /// `max_connections` would): at start the worker exits saying why; running, it says why in its
 /// log and in `/readyz`, calls nothing while it holds no life line, and carries on by itself

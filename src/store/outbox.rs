@@ -1,11 +1,15 @@
 //! The outbox: messages written in the same transaction as the state they report, handed to
-//! the broker after the commit. A batch is taken under row locks (so replicas publish different
-//! rows), published with confirms, and deleted in the same transaction: a crash in between
-//! leaves the rows, to be published again (at least once).
+//! the broker after the commit. A publisher claims a batch of rows in one short statement (so
+//! replicas publish different rows), publishes them with confirms, and deletes them in another:
+//! a crash in between leaves the rows, published again once the claim lapses (at least once).
+//!
+//! No transaction stays open through the publish. One that did (rows locked `FOR UPDATE` until
+//! the broker confirmed) held a transaction id for up to a second, and while any is open no row
+//! version older than it can be pruned anywhere in the database (migration 0015).
 
-use super::sql::{query, query_as, query_scalar, Standalone};
+use super::sql::{query, query_as, query_scalar, Standalone, StandaloneRun};
 use serde_json::Value;
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::PgPool;
 
 use super::StoreError;
 
@@ -33,47 +37,56 @@ type Row = (
     Option<Vec<String>>,
 );
 
-/// Rows taken for publishing; `done` deletes them and commits.
+/// Rows claimed for publishing; `done` deletes them.
 pub struct Taken {
-    tx: Transaction<'static, Postgres>,
+    /// The replica that claimed them.
+    replica: i64,
     /// Every row taken, by id.
     pub rows: Vec<i64>,
     pub messages: Vec<OutboxMessage>,
 }
 
-/// Takes the oldest rows that no other replica is publishing: up to `limit` rows, and no more
-/// rows than make `max_messages` messages (at least one row).
-pub async fn take(pool: &PgPool, limit: i64, max_messages: usize) -> Result<Option<Taken>, StoreError> {
-    // A look along the primary key first, so an empty outbox costs no transaction. (Not
-    // `EXISTS`: that scans the table, dead rows of published messages included.)
+/// How long a claim holds at most, even while its replica lives: a publish that takes longer
+/// (a broker that stopped confirming) is taken over by another publisher.
+pub const CLAIM: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Claims the oldest rows no publisher holds: up to `limit` rows, and no more rows than make
+/// `max_messages` messages (at least one row). A claim holds while the replica that made it
+/// is registered and for at most [`CLAIM`].
+pub async fn take(pool: &PgPool, replica: i64, limit: i64, max_messages: usize) -> Result<Option<Taken>, StoreError> {
+    // A look along the primary key first, so an empty outbox writes nothing. (Not `EXISTS`:
+    // that scans the table, dead rows of published messages included.)
     let first: Option<i64> = query_scalar("SELECT id FROM sheepdog.outbox ORDER BY id LIMIT 1")
         .maybe(pool)
         .await?;
     if first.is_none() {
         return Ok(None);
     }
-    let mut tx = pool.begin().await?;
+    // Rows locked by another claim being made now are skipped; rows past the message limit are
+    // left unclaimed for the next round.
     let mut rows: Vec<Row> = query_as(
-        "SELECT id, exchange, routing_key, headers, body, job_custom_id, job_custom_ids FROM sheepdog.outbox
-          ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        "WITH free AS (
+             SELECT o.id, coalesce(cardinality(o.job_custom_ids), 1) AS n FROM sheepdog.outbox o
+              WHERE o.claimed_by IS NULL OR o.claimed_at < now() - make_interval(secs => $4)
+                 OR NOT EXISTS (SELECT 1 FROM sheepdog.replicas r WHERE r.id = o.claimed_by)
+              ORDER BY o.id LIMIT $2 FOR UPDATE OF o SKIP LOCKED
+         ), upto AS (
+             SELECT id, sum(n) OVER (ORDER BY id) - n AS before FROM free
+         )
+         UPDATE sheepdog.outbox o SET claimed_by = $1, claimed_at = now()
+           FROM upto WHERE o.id = upto.id AND (upto.before < $3 OR upto.before = 0)
+         RETURNING o.id, o.exchange, o.routing_key, o.headers, o.body, o.job_custom_id, o.job_custom_ids",
     )
+    .bind(replica)
     .bind(limit)
-    .fetch_all(&mut *tx)
+    .bind(max_messages as i64)
+    .bind(CLAIM.as_secs_f64())
+    .all(pool)
     .await?;
-    // Rows past the message limit stay as they are (unlocked at the commit) for the next round.
-    let mut count = 0;
-    let keep = rows
-        .iter()
-        .position(|r| {
-            count += r.6.as_ref().map_or(1, Vec::len);
-            count > max_messages
-        })
-        .unwrap_or(rows.len())
-        .max(1);
-    rows.truncate(keep);
     if rows.is_empty() {
         return Ok(None);
     }
+    rows.sort_unstable_by_key(|r| r.0);
     // The bodies of `job.finished` events, built from their jobs as they are now (ended).
     let mut batches: Vec<&str> = Vec::new();
     let mut customs: Vec<&str> = Vec::new();
@@ -92,11 +105,8 @@ pub async fn take(pool: &PgPool, limit: i64, max_messages: usize) -> Result<Opti
                 super::report::ENDED_JOB
             )
         });
-        let jobs: Vec<super::report::EndedJob> = query_as(JOBS.as_str())
-            .bind(&batches)
-            .bind(&customs)
-            .fetch_all(&mut *tx)
-            .await?;
+        let jobs: Vec<super::report::EndedJob> =
+            query_as(JOBS.as_str()).bind(&batches).bind(&customs).all(pool).await?;
         for j in jobs {
             let body = j.finished_event();
             events.insert((j.batch_id, j.custom_id), body);
@@ -126,20 +136,27 @@ pub async fn take(pool: &PgPool, limit: i64, max_messages: usize) -> Result<Opti
         }
     }
     Ok(Some(Taken {
-        tx,
+        replica,
         rows: ids,
         messages,
     }))
 }
 
 impl Taken {
-    /// Deletes the rows whose messages were all published (by id) and commits.
-    pub async fn done(mut self, published: &[i64]) -> Result<(), StoreError> {
-        query("DELETE FROM sheepdog.outbox WHERE id = ANY($1)")
-            .bind(published)
-            .execute(&mut *self.tx)
-            .await?;
-        self.tx.commit().await?;
+    /// Deletes the rows whose messages were all published (by id) and gives up the claim on the
+    /// rest, for the next round, in one statement.
+    pub async fn done(self, pool: &PgPool, published: &[i64]) -> Result<(), StoreError> {
+        let kept: Vec<i64> = self.rows.iter().copied().filter(|id| !published.contains(id)).collect();
+        query(
+            "WITH gone AS (DELETE FROM sheepdog.outbox WHERE id = ANY($1))
+             UPDATE sheepdog.outbox SET claimed_by = NULL, claimed_at = NULL
+              WHERE id = ANY($2) AND claimed_by = $3",
+        )
+        .bind(published)
+        .bind(&kept)
+        .bind(self.replica)
+        .run(pool)
+        .await?;
         Ok(())
     }
 }

@@ -1,5 +1,6 @@
 //! Publishes the outbox (dead letters of jobs that ran out of attempts, result events) with
-//! confirms, then deletes what the broker confirmed, in the transaction that locked it.
+//! confirms: claims a batch of rows, publishes it, then deletes what the broker confirmed and
+//! gives up the claim on the rest.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +27,7 @@ pub async fn run(w: Arc<Worker>, stop: CancellationToken) {
                 continue;
             }
         };
-        let published = match crate::store::outbox::take(&w.pool, 200, 1000).await {
+        let published = match crate::store::outbox::take(&w.pool, w.replica(), 200, 1000).await {
             Ok(Some(taken)) => {
                 // The event of a job that no longer exists has nothing to say: it is cleared.
                 let sendable: Vec<_> = taken.messages.iter().filter(|m| m.body.is_some()).collect();
@@ -51,7 +52,7 @@ pub async fn run(w: Arc<Worker>, stop: CancellationToken) {
                 }
                 let ok: Vec<i64> = taken.rows.iter().copied().filter(|id| !failed.contains(id)).collect();
                 let n = ok.len();
-                if let Err(e) = taken.done(&ok).await {
+                if let Err(e) = taken.done(&w.pool, &ok).await {
                     tracing::warn!(error = %e, "could not clear the outbox; its messages go again (at least once)");
                 }
                 n

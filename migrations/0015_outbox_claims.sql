@@ -1,0 +1,13 @@
+-- The outbox is claimed, not locked, while a replica publishes it (issue: fewer, smaller writes
+-- per job).
+--
+-- A publisher took its rows with `FOR UPDATE SKIP LOCKED` and held that transaction open, with a
+-- transaction id, through a publish with confirms (0.1 to 0.95 s a round with the results
+-- stream on). While any transaction id is open, no row version older than it can be pruned,
+-- anywhere in the database: the backlog's deleted rows stayed in its index for every dispatch to
+-- walk, and a job's answer found no room on its page to be written heap-only. Now a publisher
+-- marks its rows as its own in one short statement, publishes, and deletes them in another. A
+-- claim holds while its replica's row exists (a replica taken over loses it within
+-- SHEEPDOG_TAKEOVER_SECONDS) and for at most a minute: the rows of a replica that died or stalled
+-- mid-publish go again (at least once, as before).
+ALTER TABLE sheepdog.outbox ADD COLUMN claimed_by bigint, ADD COLUMN claimed_at timestamptz;
