@@ -14,6 +14,8 @@ use crate::prices::Usage;
 #[derive(Clone, Debug)]
 pub struct Response {
     pub status: u16,
+    /// What sheepdog reads of the body (`usage`, `usageMetadata`, `error`, `id`, as they came);
+    /// the answer itself is in `raw`.
     pub body: Value,
     /// The body as JSON text: as it came when it was JSON (stored as it is, never encoded again).
     pub raw: String,
@@ -117,7 +119,7 @@ impl Client {
             Err(ReadError::Http(e)) => return network_failure(e, started),
         };
         let latency = started.elapsed();
-        let (body, raw) = match serde_json::from_slice::<Value>(&bytes) {
+        let (body, raw) = match read_parts(&bytes) {
             Ok(body) => {
                 // Valid JSON is valid UTF-8.
                 let raw = String::from_utf8(bytes).unwrap_or_default();
@@ -211,4 +213,86 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+/// The members of an answer sheepdog reads. Its choices (the message, most of the body) are
+/// skipped as they are parsed rather than built into maps and strings only to be dropped: a
+/// worker keeps the answer as its text (`Response::raw`).
+#[derive(serde::Deserialize)]
+struct Parts {
+    id: Option<Value>,
+    usage: Option<Value>,
+    #[serde(rename = "usageMetadata")]
+    usage_metadata: Option<Value>,
+    error: Option<Value>,
+}
+
+/// The body's members in [`Parts`], as an object of those present. A body that is JSON of
+/// another shape (not an object, a member twice) is read whole, as before.
+fn read_parts(bytes: &[u8]) -> Result<Value, serde_json::Error> {
+    // (A struct also reads from an array, member by position: only an object is read in parts.)
+    let object = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    let parts = if object {
+        serde_json::from_slice::<Parts>(bytes).ok()
+    } else {
+        None
+    };
+    let Some(p) = parts else {
+        return serde_json::from_slice::<Value>(bytes);
+    };
+    let mut m = serde_json::Map::new();
+    for (k, v) in [
+        ("id", p.id),
+        ("usage", p.usage),
+        ("usageMetadata", p.usage_metadata),
+        ("error", p.error),
+    ] {
+        if let Some(v) = v {
+            m.insert(k.to_string(), v);
+        }
+    }
+    Ok(Value::Object(m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_parts;
+    use serde_json::json;
+
+    #[test]
+    fn an_answer_is_read_in_the_parts_sheepdog_uses() {
+        let body = json!({"id": "chatcmpl-1", "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1}});
+        let parts = read_parts(body.to_string().as_bytes()).unwrap();
+        assert_eq!(
+            parts,
+            json!({"id": "chatcmpl-1", "usage": {"prompt_tokens": 3, "completion_tokens": 1}})
+        );
+        let gemini = json!({"usageMetadata": {"promptTokenCount": 2}, "candidates": []});
+        assert_eq!(
+            read_parts(gemini.to_string().as_bytes()).unwrap(),
+            json!({"usageMetadata": {"promptTokenCount": 2}})
+        );
+        let error = json!({"error": {"message": "slow down", "type": "rate_limit"}, "usage": null});
+        assert_eq!(
+            read_parts(error.to_string().as_bytes()).unwrap(),
+            json!({"error": {"message": "slow down", "type": "rate_limit"}})
+        );
+    }
+
+    #[test]
+    fn json_of_another_shape_is_read_whole_and_text_is_not_json() {
+        // An array would fill a struct by position: it is read as what it is.
+        let array = br#"["x", {"prompt_tokens": 1, "completion_tokens": 1}]"#;
+        assert_eq!(
+            read_parts(array).unwrap(),
+            json!(["x", {"prompt_tokens": 1, "completion_tokens": 1}])
+        );
+        // A member twice: the last one counts, as serde_json's Value has it.
+        let twice = br#"{"usage": {"prompt_tokens": 1}, "usage": {"prompt_tokens": 2, "completion_tokens": 1}}"#;
+        assert_eq!(read_parts(twice).unwrap()["usage"]["prompt_tokens"], 2);
+        assert!(read_parts(b"<html>bad gateway</html>").is_err());
+        assert!(read_parts(br#"{"usage": "#).is_err());
+    }
 }
