@@ -105,8 +105,22 @@ pub async fn take(pool: &PgPool, replica: i64, limit: i64, max_messages: usize) 
                 super::report::ENDED_JOB
             )
         });
-        let jobs: Vec<super::report::EndedJob> =
-            query_as(JOBS.as_str()).bind(&batches).bind(&customs).all(pool).await?;
+        let read = query_as(JOBS.as_str()).bind(&batches).bind(&customs).all(pool).await;
+        let jobs: Vec<super::report::EndedJob> = match read {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                // Nothing goes out this round: the rows are given back at once rather than
+                // held until the claim lapses (a failed release leaves that to the lapse).
+                let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
+                let taken = Taken {
+                    replica,
+                    rows: ids,
+                    messages: Vec::new(),
+                };
+                let _ = taken.done(pool, &[]).await;
+                return Err(e.into());
+            }
+        };
         for j in jobs {
             let body = j.finished_event();
             events.insert((j.batch_id, j.custom_id), body);
