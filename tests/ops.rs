@@ -334,51 +334,40 @@ async fn outbox_rows_claimed_by_a_replica_that_is_gone_are_published_and_a_live_
     }
     let _w = WorkerProcess::start(&env, &[]);
     let seen = std::sync::Mutex::new(Vec::<String>::new());
-    wait_for(
-        Duration::from_secs(30),
-        "the dead letter of the lapsed claim",
-        || async {
-            let got = env.drain_dead().await;
-            let mut seen = seen.lock().unwrap();
-            seen.extend(got.into_iter().map(|(body, _)| String::from_utf8(body).unwrap()));
-            seen.iter().any(|b| b == "gone").then_some(())
-        },
-    )
-    .await;
-    let registered = env
-        .count(&format!("SELECT count(*) FROM sheepdog.replicas WHERE id = {busy}"))
-        .await;
+    dead_letters_until(&env, &seen, "gone", Duration::from_secs(30)).await;
+    let registered = format!("SELECT count(*) FROM sheepdog.replicas WHERE id = {busy}");
     assert_eq!(
         *seen.lock().unwrap(),
         ["gone"],
         "only the row of the replica that is gone went out"
     );
-    assert_eq!(registered, 1, "the claiming replica was still registered");
+    assert_eq!(
+        env.count(&registered).await,
+        1,
+        "the claiming replica was still registered"
+    );
     assert_eq!(
         env.count("SELECT count(*) FROM sheepdog.outbox WHERE body = 'held'::bytea")
             .await,
         1
     );
     // Taken over, the replica loses its claim: its row goes out too, and the outbox is empty.
-    wait_for(
-        Duration::from_secs(60),
-        "the dead letter of the taken-over claim",
-        || async {
-            let got = env.drain_dead().await;
-            let mut seen = seen.lock().unwrap();
-            seen.extend(got.into_iter().map(|(body, _)| String::from_utf8(body).unwrap()));
-            seen.iter().any(|b| b == "held").then_some(())
-        },
-    )
-    .await;
+    dead_letters_until(&env, &seen, "held", Duration::from_secs(60)).await;
     assert_eq!(*seen.lock().unwrap(), ["gone", "held"]);
-    assert_eq!(
-        env.count(&format!("SELECT count(*) FROM sheepdog.replicas WHERE id = {busy}"))
-            .await,
-        0
-    );
+    assert_eq!(env.count(&registered).await, 0);
     wait_for(Duration::from_secs(10), "an empty outbox", || async {
         (env.count("SELECT count(*) FROM sheepdog.outbox").await == 0).then_some(())
+    })
+    .await;
+}
+
+/// Takes the dead letters as they come into `seen` (their bodies), until one is `body`.
+async fn dead_letters_until(env: &TestEnv, seen: &std::sync::Mutex<Vec<String>>, body: &str, timeout: Duration) {
+    wait_for(timeout, &format!("the dead letter {body:?}"), || async {
+        let got = env.drain_dead().await;
+        let mut seen = seen.lock().unwrap();
+        seen.extend(got.into_iter().map(|(b, _)| String::from_utf8(b).unwrap()));
+        seen.iter().any(|b| b == body).then_some(())
     })
     .await;
 }

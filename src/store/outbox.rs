@@ -87,6 +87,11 @@ pub async fn take(pool: &PgPool, replica: i64, limit: i64, max_messages: usize) 
         return Ok(None);
     }
     rows.sort_unstable_by_key(|r| r.0);
+    let mut taken = Taken {
+        replica,
+        rows: rows.iter().map(|r| r.0).collect(),
+        messages: Vec::new(),
+    };
     // The bodies of `job.finished` events, built from their jobs as they are now (ended).
     let mut batches: Vec<&str> = Vec::new();
     let mut customs: Vec<&str> = Vec::new();
@@ -111,12 +116,6 @@ pub async fn take(pool: &PgPool, replica: i64, limit: i64, max_messages: usize) 
             Err(e) => {
                 // Nothing goes out this round: the rows are given back at once rather than
                 // held until the claim lapses (a failed release leaves that to the lapse).
-                let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
-                let taken = Taken {
-                    replica,
-                    rows: ids,
-                    messages: Vec::new(),
-                };
                 let _ = taken.done(pool, &[]).await;
                 return Err(e.into());
             }
@@ -126,8 +125,8 @@ pub async fn take(pool: &PgPool, replica: i64, limit: i64, max_messages: usize) 
             events.insert((j.batch_id, j.custom_id), body);
         }
     }
-    let ids = rows.iter().map(|r| r.0).collect();
-    let mut messages = Vec::with_capacity(customs.len().max(rows.len()));
+    let messages = &mut taken.messages;
+    messages.reserve(customs.len().max(rows.len()));
     for (id, exchange, routing_key, headers, body, job, jobs) in rows {
         if job.is_none() && jobs.is_none() {
             messages.push(OutboxMessage {
@@ -149,11 +148,7 @@ pub async fn take(pool: &PgPool, replica: i64, limit: i64, max_messages: usize) 
             });
         }
     }
-    Ok(Some(Taken {
-        replica,
-        rows: ids,
-        messages,
-    }))
+    Ok(Some(taken))
 }
 
 impl Taken {
