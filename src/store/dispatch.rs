@@ -173,8 +173,9 @@ pub async fn settle_and_dispatch(
 }
 
 /// A replica's round, begun: its calls settled, nothing granted yet. [`settle_and_dispatch`] is
-/// these steps in one; a replica that waits long for the lock takes it first with
-/// [`Round::wait_for_lock`], and then asks for the slots its calls freed while it waited.
+/// these steps in one; a replica that waits long for the lock counts its slots only once it has
+/// the lock ([`Round::dispatch_counting`]), so that the slots its calls freed while it waited
+/// are granted too.
 pub struct Round<'s> {
     tx: Transaction<'static, Postgres>,
     pool: PgPool,
@@ -204,14 +205,6 @@ async fn settled(pool: &PgPool, settlements: &[Settlement]) -> Result<Transactio
 }
 
 impl Round<'_> {
-    /// Takes the dispatch lock now, waiting for it; returns how long that took. The grant
-    /// takes it again, which changes nothing.
-    pub async fn wait_for_lock(&mut self) -> Result<Duration, StoreError> {
-        let started = std::time::Instant::now();
-        lock(&mut self.tx).await?;
-        Ok(started.elapsed())
-    }
-
     /// Takes up to `slots` jobs for `replica` and commits the round (see
     /// [`settle_and_dispatch`]).
     pub async fn dispatch(
@@ -221,6 +214,24 @@ impl Round<'_> {
         probe_lease: Duration,
         look_first: bool,
     ) -> Result<Dispatched, StoreError> {
+        self.dispatch_counting(replica, slots, || slots, probe_lease, look_first)
+            .await
+    }
+
+    /// As [`Round::dispatch`], with the slots counted by `count` once the lock is held (the view
+    /// read, the plan not made), up to `most`; the view reads the candidates for `most`. A
+    /// replica whose rounds wait long for the lock grants the slots its calls freed during the
+    /// wait, without a round trip of its own to take the lock first (a trip made under the lock
+    /// is one every other replica's round waits for).
+    pub async fn dispatch_counting(
+        self,
+        replica: i64,
+        most: usize,
+        count: impl FnOnce() -> usize,
+        probe_lease: Duration,
+        look_first: bool,
+    ) -> Result<Dispatched, StoreError> {
+        let slots = most;
         let mut tx = self.tx;
         if slots == 0 || (look_first && !anything_due(&mut tx).await?) {
             tx.commit().await?;
@@ -232,7 +243,7 @@ impl Round<'_> {
         // `grant` takes the lock (a second time when settling took it: harmless, both are
         // released at commit) and reads everything in statements after the lock's: their
         // snapshots see every dispatch that committed before this one got it.
-        let d = grant(&mut tx, replica, slots, probe_lease).await?;
+        let d = grant(&mut tx, replica, slots, count, probe_lease).await?;
         match d {
             Some(d) => {
                 tx.commit().await?;
@@ -294,7 +305,8 @@ async fn view(tx: &mut Transaction<'_, Postgres>, slots: usize) -> Result<View, 
 async fn grant(
     tx: &mut Transaction<'_, Postgres>,
     replica: i64,
-    slots: usize,
+    most: usize,
+    count: impl FnOnce() -> usize,
     probe_lease: Duration,
 ) -> Result<Option<Dispatched>, StoreError> {
     // The backlog's statistics are seldom right: it swings between empty and millions of rows
@@ -311,8 +323,10 @@ async fn grant(
         slots: token_slots,
         breakers,
         candidates: first_jobs,
-    } = view(tx, slots).await?;
+    } = view(tx, most).await?;
     let view_took = asked_at.elapsed();
+    // The view read candidates for `most`; a round that counts its slots now grants fewer.
+    let slots = count().min(most);
     let (mut global, burst) = scope_of(global);
     let mut lanes: Vec<String> = pairs.iter().map(|p| p.model.clone()).collect();
     lanes.dedup();

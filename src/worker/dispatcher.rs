@@ -89,18 +89,17 @@ impl Warm {
 /// The most calls one round settles.
 const MAX_SETTLE: usize = 512;
 /// How many of a replica's calls must have come back during a round that waited for the lock
-/// (see `CONTENDED`) for the next rounds to take the lock first.
+/// (see `CONTENDED`) for the next rounds to count their slots under the lock.
 const PILED: usize = 32;
 /// A round whose view waited this long for the dispatch lock (other replicas' rounds hold it in
-/// turn), while at least `PILED` of its replica's calls came back, makes the next rounds
-/// take the lock first, in a statement of its own, and only then count their free slots: the
-/// calls that came back during the wait give their slots to that round's grants (they are
+/// turn), while at least `PILED` of its replica's calls came back, makes the next rounds count
+/// their free slots only once their view has the lock (the view reads candidates for `MAX_ASK`):
+/// the calls that came back during the wait give their slots to that round's grants (they are
 /// settled in the next round). Otherwise a round asks for the few slots freed before it began
 /// and waits behind seven replicas for them: rounds of 8 replicas carried ~88 jobs where they
 /// can carry 256, and the lock's turns, not the work, bounded them.
 const CONTENDED: Duration = Duration::from_millis(20);
-/// A round in that mode that got the lock in less than this goes back to one statement for
-/// both.
+/// A round in that mode whose view took less than this goes back to counting its slots first.
 const UNCONTENDED: Duration = Duration::from_millis(5);
 /// How long a settlement is held through a database outage before it is given up on (its
 /// replica's takeover then charges the call at its reservation).
@@ -214,11 +213,10 @@ async fn run(
     // Calls that came back and are not settled yet, carried from round to round while the
     // database does not answer.
     let mut held: Vec<Returned> = Vec::new();
-    // Whether rounds take the dispatch lock first (see `CONTENDED`).
+    // Whether rounds count their slots once they hold the dispatch lock (see `CONTENDED`).
     let mut contended = false;
     let mut warm = Warm::default();
-    // How long the last round waited for the dispatch lock (its view, when it did not take the
-    // lock first).
+    // How long the last round's view took, the wait for the dispatch lock included.
     let mut waited = Duration::ZERO;
     // Slots taken: by calls in flight, by calls back but not settled, and by this round's grants.
     let concurrency = w.args.concurrency.max(1) as usize;
@@ -291,23 +289,30 @@ async fn run(
         // Calls that came back while this round waited for the lock: their slots are this
         // round's, their settlements the next round's.
         let mut late: Vec<Returned> = Vec::new();
-        let mut lock_waited = None;
         let round = async {
-            let mut round = crate::store::dispatch::begin_round(&pool, &settlements).await?;
+            let round = crate::store::dispatch::begin_round(&pool, &settlements).await?;
             if contended && asked > 0 {
-                let waited = round.wait_for_lock().await?;
-                lock_waited = Some(waited);
-                contended = waited >= UNCONTENDED;
-                late = w.take_returned(MAX_SETTLE.saturating_sub(held.len()));
-                free.extend(late.iter_mut().filter_map(|r| r.slot.take()));
-                asked = ask(free.len());
+                // Slots are counted once the lock is held: the calls back by then give theirs.
+                let count = || {
+                    late = w.take_returned(MAX_SETTLE.saturating_sub(held.len()));
+                    free.extend(late.iter_mut().filter_map(|r| r.slot.take()));
+                    asked = ask(free.len());
+                    asked
+                };
+                round
+                    .dispatch_counting(w.replica(), MAX_ASK, count, w.probe_lease(), idle)
+                    .await
+            } else {
+                round.dispatch(w.replica(), asked, w.probe_lease(), idle).await
             }
-            round.dispatch(w.replica(), asked, w.probe_lease(), idle).await
         }
         .await;
         let wait = match round {
             Ok(d) => {
-                waited = lock_waited.unwrap_or(d.view_took);
+                waited = d.view_took;
+                if contended && d.view_took < UNCONTENDED {
+                    contended = false;
+                }
                 w.rounds
                     .lock()
                     .unwrap()
