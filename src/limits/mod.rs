@@ -291,6 +291,56 @@ pub async fn usage_without_last_minute(pool: &PgPool) -> Result<Vec<ScopeUsage>,
     .await
 }
 
+/// How old the last minute's use that [`usage_shared`] gives may be: one replica reads it from
+/// the calls at most this often, for all replicas (`sheepdog.last_minute_use`).
+pub const SHARED_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Every scope's limits and budgets now, as [`usage`] gives them, with the use of the last minute
+/// as a replica read it from the calls at most [`SHARED_EVERY`] ago: for the replicas' gauges.
+/// Each replica read the last minute of calls itself, so N replicas read the same rows N times;
+/// now the one replica that finds the shared row due and locks it first reads them, and the
+/// others take the row as it is.
+pub async fn usage_shared(pool: &PgPool) -> Result<Vec<ScopeUsage>, StoreError> {
+    let mut scopes = usage_without_last_minute(pool).await?;
+    let recent: Vec<(String, i64, Decimal)> = query_as(
+        "WITH mine AS (
+             SELECT one FROM sheepdog.last_minute_use
+              WHERE read_at <= now() - make_interval(secs => $1)
+                FOR UPDATE SKIP LOCKED
+         ), fresh AS (
+             -- The calls are read only when this statement holds the row (a subquery of the
+             -- row's new values: never run when no row is updated).
+             UPDATE sheepdog.last_minute_use u
+                SET read_at = now(),
+                    (scopes, requests, tokens) = (
+                        SELECT coalesce(array_agg(scope), '{}'), coalesce(array_agg(requests_last_minute), '{}'),
+                               coalesce(array_agg(tokens_last_minute::numeric), '{}')
+                          FROM sheepdog.limit_usage)
+               FROM mine
+              WHERE u.one = mine.one
+             RETURNING u.scopes, u.requests, u.tokens
+         ), known AS (
+             SELECT scopes, requests, tokens FROM fresh
+             UNION ALL
+             SELECT scopes, requests, tokens FROM sheepdog.last_minute_use
+              WHERE NOT EXISTS (SELECT FROM fresh)
+         )
+         SELECT x.scope, x.requests, x.tokens
+           FROM (SELECT * FROM known LIMIT 1) k,
+                unnest(k.scopes, k.requests, k.tokens) AS x(scope, requests, tokens)",
+    )
+    .bind(SHARED_EVERY.as_secs_f64())
+    .all(pool)
+    .await?;
+    for s in scopes.iter_mut() {
+        if let Some((_, requests, tokens)) = recent.iter().find(|(scope, ..)| *scope == s.scope) {
+            s.requests_last_minute = *requests;
+            s.tokens_last_minute = *tokens;
+        }
+    }
+    Ok(scopes)
+}
+
 /// `limit_usage` with `last_minute` as its two columns of the last minute's use.
 async fn usage_reading(pool: &PgPool, last_minute: &str) -> Result<Vec<ScopeUsage>, StoreError> {
     let sql = format!(

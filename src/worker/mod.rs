@@ -247,7 +247,8 @@ impl Worker {
     }
 
     /// Keeps the gauges current: breakers, backlog, limits and budgets left every 2 s; the
-    /// limits' use in the last minute every 10 s (that read goes through the last minute of calls).
+    /// limits' use in the last minute every 10 s, as one replica read it from the calls for all
+    /// (`limits::usage_shared`).
     async fn follow(self: Arc<Self>, stop: CancellationToken) {
         for round in 0u64.. {
             if let Ok(b) = crate::limits::breaker::read_all(&self.pool).await {
@@ -258,7 +259,7 @@ impl Worker {
             }
             let last_minute = round.is_multiple_of(5);
             let scopes = if last_minute {
-                crate::limits::usage(&self.pool).await
+                crate::limits::usage_shared(&self.pool).await
             } else {
                 crate::limits::usage_without_last_minute(&self.pool).await
             };
