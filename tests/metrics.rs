@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{job_line, TestEnv, WorkerProcess};
+use common::{job_line, wait_for, TestEnv, WorkerProcess};
 use sheepdog::upstream::mock::MockConfig;
 
 /// Runs the checker on a scraped body: Ok(its JSON line), or Err(what it found wrong).
@@ -90,5 +90,67 @@ async fn a_worker_process_serves_metrics_that_prometheus_and_the_dashboards_can_
     ] {
         let samples = families[family]["samples"].as_array().unwrap();
         assert!(samples.iter().any(|s| s == sample), "{family}: {samples:?}");
+    }
+}
+
+/// A free port on 127.0.0.1 for a worker's `/metrics`.
+fn metrics_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
+/// The value of `sheepdog_limit_used_last_minute{scope="*",kind="requests"}` in a scraped body.
+fn requests_last_minute(body: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| {
+            l.starts_with("sheepdog_limit_used_last_minute{")
+                && l.contains(r#"scope="*""#)
+                && l.contains(r#"kind="requests""#)
+        })?
+        .rsplit(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The last minute's use is the fleet's, on every replica: one replica reads it from the calls
+/// for all of them (at most every 10 s), the others take what it read. Two `sheepdog worker`
+/// processes started together run a batch; each one's gauge comes to the calls the upstream
+/// recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_shows_the_fleets_use_of_the_last_minute() {
+    let env = TestEnv::new(MockConfig::default()).await;
+    let addrs = [metrics_addr(), metrics_addr()];
+    let _workers: Vec<_> = addrs
+        .iter()
+        .map(|a| WorkerProcess::start(&env, &[("SHEEPDOG_METRICS_ADDR", a.clone())]))
+        .collect();
+    let lines: Vec<_> = (0..30)
+        .map(|i| job_line(&format!("m-{i}"), "gpt-4o-mini", &format!("q{i}")))
+        .collect();
+    env.enqueue_lines("minute", &lines).await;
+    env.wait_batch("minute", Duration::from_secs(60)).await;
+    let made = env.mock.state.calls().len() as f64;
+    assert_eq!(made, 30.0, "one call a job");
+    for addr in &addrs {
+        let url = format!("http://{addr}/metrics");
+        // Read every 10 s, from a reading at most 10 s old: within about 20 s of the batch's end.
+        let shown = wait_for(
+            Duration::from_secs(40),
+            "the last minute's use on every replica",
+            || {
+                let url = url.clone();
+                async move {
+                    let body = reqwest::get(&url).await.ok()?.text().await.ok()?;
+                    requests_last_minute(&body).filter(|n| *n == made)
+                }
+            },
+        )
+        .await;
+        assert_eq!(shown, made, "{addr}");
     }
 }
