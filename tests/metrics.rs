@@ -33,12 +33,7 @@ async fn check(body: &str) -> Result<serde_json::Value, String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_process_serves_metrics_that_prometheus_and_the_dashboards_can_read() {
     let env = TestEnv::new(MockConfig::default()).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = metrics_addr();
     // A budget, so the budget's gauges have a sample to show.
     let _worker = WorkerProcess::start(
         &env,

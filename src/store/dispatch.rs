@@ -231,9 +231,8 @@ impl Round<'_> {
         probe_lease: Duration,
         look_first: bool,
     ) -> Result<Dispatched, StoreError> {
-        let slots = most;
         let mut tx = self.tx;
-        if slots == 0 || (look_first && !anything_due(&mut tx).await?) {
+        if most == 0 || (look_first && !anything_due(&mut tx).await?) {
             tx.commit().await?;
             return Ok(Dispatched {
                 idle: true,
@@ -243,7 +242,7 @@ impl Round<'_> {
         // `grant` takes the lock (a second time when settling took it: harmless, both are
         // released at commit) and reads everything in statements after the lock's: their
         // snapshots see every dispatch that committed before this one got it.
-        let d = grant(&mut tx, replica, slots, count, probe_lease).await?;
+        let d = grant(&mut tx, replica, most, count, probe_lease).await?;
         match d {
             Some(d) => {
                 tx.commit().await?;
