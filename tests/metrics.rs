@@ -90,11 +90,7 @@ async fn a_worker_process_serves_metrics_that_prometheus_and_the_dashboards_can_
 
 /// A free port on 127.0.0.1 for a worker's `/metrics`.
 fn metrics_addr() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     format!("127.0.0.1:{port}")
 }
 

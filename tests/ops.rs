@@ -394,11 +394,7 @@ async fn a_worker_postgres_refuses_says_why_in_its_log_and_readyz_and_recovers_b
     ] {
         sqlx::query(&sql).execute(&env.pool).await.unwrap();
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let log_path = std::env::temp_dir().join(format!("{role}.log"));
     let worker = || {
         tokio::process::Command::new(env!("CARGO_BIN_EXE_sheepdog"))

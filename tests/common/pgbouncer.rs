@@ -17,11 +17,7 @@ impl PgBouncer {
     /// Starts one, as Debian's package ships it, with a pool small enough that its clients share
     /// its servers (so a statement left outside a transaction would reach another server).
     pub async fn start() -> PgBouncer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = super::free_port();
         let dir = std::env::temp_dir().join(format!("sheepdog-pgbouncer-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("users.txt"), "\"postgres\" \"\"\n").unwrap();
