@@ -336,7 +336,6 @@ where
     }
 }
 
-/// `n` chat job lines of gpt-4o-mini with `max_tokens` 20, ids `{prefix}-00000` onwards.
 /// A port on 127.0.0.1 free when asked (a listener bound to port 0, then closed), for a
 /// process the test starts to listen on.
 pub fn free_port() -> u16 {
@@ -347,6 +346,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `n` chat job lines of gpt-4o-mini with `max_tokens` 20, ids `{prefix}-00000` onwards.
 pub fn small_lines(n: usize, prefix: &str) -> Vec<serde_json::Value> {
     (0..n)
         .map(|i| {
