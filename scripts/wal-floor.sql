@@ -1,15 +1,14 @@
 -- The least WAL a job costs when it is durable from its ack (its row with its request) and its
 -- call is in the ledger before it is sent (a `pending` row, settled after), contract §4 and §5:
 -- two tables, one key each, nothing else (no place in line, no registration at enqueue, no
--- results outbox, no batch progress). See ARCHITECTURE.md, "Where the floor is".
+-- results outbox, no batch progress). See ARCHITECTURE.md, "The floor, measured".
 --
 -- Run in the database of a finished `sheepdog bench --jobs 20000` (it takes that run's answers):
 --   psql -X -q postgres://postgres@127.0.0.1:5432/sdb_bench -f scripts/wal-floor.sql
 -- It writes 20,000 jobs into a schema `floor` (dropped first) the way sheepdog's statements do,
--- 100 jobs a statement, and prints the WAL they cost.
+-- 100 jobs a statement, and prints the WAL they cost: the whole cluster's WAL, so run it on a
+-- quiet server.
 \set ON_ERROR_STOP 1
-DROP SCHEMA IF EXISTS floor CASCADE;
-CREATE SCHEMA floor;
 CREATE TEMP TABLE src AS
   SELECT row_number() OVER (ORDER BY custom_id) AS n, batch_id, custom_id, model, response,
     -- the body as it goes upstream (sheepdog drops the stored request once a job is answered)
@@ -19,6 +18,13 @@ CREATE TEMP TABLE src AS
   -- one run's jobs: the latest batch of 20,000 answered
   WHERE batch_id = (SELECT batch_id FROM sheepdog.jobs WHERE response IS NOT NULL GROUP BY batch_id
                      HAVING count(*) = 20000 ORDER BY max(finished_at) DESC LIMIT 1);
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM src) THEN
+    RAISE EXCEPTION 'no finished run of 20,000 jobs in this database: run `sheepdog bench --jobs 20000` against it first';
+  END IF;
+END $$;
+DROP SCHEMA IF EXISTS floor CASCADE;
+CREATE SCHEMA floor;
 CREATE TABLE floor.jobs (
   id bigint NOT NULL,
   batch_id text NOT NULL, custom_id text NOT NULL,
